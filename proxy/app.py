@@ -1,0 +1,112 @@
+"""The application factory: the whole middleware chain, listed once, in order."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import IO
+
+import aiohttp
+from aiohttp import web
+
+from proxy import __version__
+from proxy.budget import BudgetStage
+from proxy.cache import CacheStage
+from proxy.config import Settings
+from proxy.context import RequestContextStage, context_of
+from proxy.errors import error_middleware
+from proxy.ratelimit import RateLimitStage
+from proxy.retry import RetryStage
+from proxy.types import SETTINGS
+from proxy.upstream import Upstream
+from proxy.usage import UsageLog
+
+
+@dataclass(slots=True)
+class AppState:
+    started: float
+    shutting_down: bool = False
+
+
+STATE: web.AppKey[AppState] = web.AppKey("state", AppState)
+SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
+UPSTREAM: web.AppKey[Upstream] = web.AppKey("upstream", Upstream)
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    """The innermost handler: send the request upstream, return the reply unsent."""
+    settings = request.app[SETTINGS]
+    ctx = context_of(request)
+    t0 = time.monotonic()
+    reply = await request.app[UPSTREAM].forward(
+        request, ctx.raw if ctx is not None else None, settings.server.max_body_bytes
+    )
+    if ctx is not None:
+        ctx.upstream_ms = round((time.monotonic() - t0) * 1000, 3)
+    return reply
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    state = request.app[STATE]
+    report = {
+        "status": "shutting_down" if state.shutting_down else "ready",
+        "version": __version__,
+        "config_file": settings.config_file,
+        "upstream": settings.upstream.url,
+        "redis": {"configured": settings.redis.url is not None, "status": "disabled"},
+        "uptime_s": round(time.monotonic() - state.started, 3),
+    }
+    return web.json_response(report, status=503 if state.shutting_down else 200)
+
+
+def create_app(settings: Settings, *, usage_stream: IO[bytes] | None = None) -> web.Application:
+    """Build the proxy. ``usage_stream`` receives the usage log (default: the configured sink)."""
+    usage_log = UsageLog(
+        usage_stream if usage_stream is not None else _usage_sink(settings),
+        enabled=settings.usage.enabled,
+    )
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes,
+        middlewares=[
+            error_middleware,  # outermost: any exception becomes OpenAI's error envelope
+            RequestContextStage(usage_log),  # request id, key fingerprint, parsed body, usage log
+            CacheStage(settings),
+            BudgetStage(settings),
+            RateLimitStage(settings),
+            RetryStage(settings),
+        ],
+    )
+    app[SETTINGS] = settings
+    app[STATE] = AppState(started=time.monotonic())
+    app.cleanup_ctx.append(_upstream_session)
+    app.on_shutdown.append(_mark_shutting_down)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_route("*", "/v1/{tail:.*}", forward)
+    return app
+
+
+def _usage_sink(settings: Settings) -> IO[bytes]:
+    if settings.usage.log_path:
+        return open(settings.usage.log_path, "ab", buffering=0)
+    return sys.stdout.buffer
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    session = Upstream.open_session(settings.upstream)
+    app[SESSION] = session
+    app[UPSTREAM] = Upstream(settings.upstream, session)
+    yield
+    await session.close()
+
+
+async def _mark_shutting_down(app: web.Application) -> None:
+    app[STATE].shutting_down = True

@@ -1,0 +1,150 @@
+"""Command line: ``thriftgate serve`` (also ``python -m proxy serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from proxy import __version__
+from proxy.config import ConfigError, Settings, load_settings
+from proxy.logs import configure_logging
+
+log = structlog.get_logger("thriftgate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="thriftgate",
+        description="A transparent OpenAI-compatible proxy that caches, budgets, rate-limits, "
+        "retries and logs the cost of every call.",
+    )
+    parser.add_argument("--version", action="version", version=f"thriftgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--host", help="address to listen on (env THRIFTGATE_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (env THRIFTGATE_PORT, 8080)")
+    serve.add_argument(
+        "--upstream",
+        help="OpenAI-compatible base URL (env THRIFTGATE_UPSTREAM_URL, https://api.openai.com/v1)",
+    )
+    serve.add_argument("--config", help="TOML config file (env THRIFTGATE_CONFIG)")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes sharing the port (env THRIFTGATE_WORKERS, 1)"
+    )
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    if args.command == "serve":
+        return serve(args, list(sys.argv[1:] if argv is None else argv))
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def serve(args: argparse.Namespace, argv: list[str]) -> int:
+    flags: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "upstream": args.upstream,
+        "workers": args.workers,
+    }
+    try:
+        settings = load_settings(flags, config_file=args.config)
+    except ConfigError as exc:
+        print(f"thriftgate: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if settings.server.workers > 1 and args.worker_index is None:
+        if settings.server.port == 0:
+            print("thriftgate: --workers > 1 needs a fixed --port", file=sys.stderr)
+            return 2
+        return _supervise(settings, argv)
+    _run(settings, reuse_port=args.worker_index is not None)
+    return 0
+
+
+def _run(settings: Settings, *, reuse_port: bool) -> None:
+    from proxy.app import create_app
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        loop = asyncio.new_event_loop()
+    else:
+        loop = uvloop.new_event_loop()
+    log.info(
+        "listening",
+        host=settings.server.host,
+        port=settings.server.port,
+        upstream=settings.upstream.url,
+        config_file=settings.config_file,
+        redis=settings.redis.url is not None,
+    )
+    web.run_app(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        reuse_port=reuse_port or None,
+        shutdown_timeout=settings.server.shutdown_grace_s,
+        handler_cancellation=True,
+        access_log=None,
+        print=None,
+        loop=loop,
+    )
+    log.info("stopped")
+
+
+def _supervise(settings: Settings, argv: list[str]) -> int:
+    """Run N worker processes on one port (SO_REUSEPORT); forward SIGTERM/SIGINT to them."""
+    n = settings.server.workers
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "proxy", *argv, "--worker-index", str(i)],
+        )
+        for i in range(n)
+    ]
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("supervising", workers=n, pids=[c.pid for c in children])
+    code = 0
+    while children:
+        try:
+            pid, status = _wait_any()
+        except ChildProcessError:
+            break
+        for child in [c for c in children if c.pid == pid]:
+            children.remove(child)
+            child.returncode = _exit_code(status)
+            if child.returncode != 0:
+                code = code or child.returncode
+            if not stopping:
+                log.error("worker_exited", pid=pid, code=child.returncode)
+                stop(signal.SIGTERM, None)
+    return code
+
+
+def _wait_any() -> tuple[int, int]:
+    return os.wait()
+
+
+def _exit_code(status: int) -> int:
+    return os.waitstatus_to_exitcode(status)

@@ -1,0 +1,244 @@
+"""Configuration: one frozen object, built once from defaults, a TOML file, env and flags.
+
+Precedence, lowest first: built-in defaults < TOML file < environment < command-line flags.
+This is the only module that reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from yarl import URL
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says where and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    shutdown_grace_s: float = 30.0
+    max_body_bytes: int = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    url: str = "https://api.openai.com/v1"
+    api_key: str | None = field(default=None, repr=False)
+    connect_timeout_s: float = 10.0
+    first_byte_timeout_s: float = 600.0
+    total_timeout_s: float = 1800.0
+    max_connections: int = 0  # 0: unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSettings:
+    log_path: str | None = None  # None: one JSON line per request on stdout
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    usage: UsageSettings = field(default_factory=UsageSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    config_file: str | None = None
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
+    "upstream": UpstreamSettings,
+    "usage": UsageSettings,
+    "redis": RedisSettings,
+}
+
+# (section, key) -> environment variables, first set one wins.
+ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("server", "host"): ("THRIFTGATE_HOST",),
+    ("server", "port"): ("THRIFTGATE_PORT",),
+    ("server", "workers"): ("THRIFTGATE_WORKERS",),
+    ("server", "shutdown_grace_s"): ("THRIFTGATE_SHUTDOWN_GRACE_S",),
+    ("server", "max_body_bytes"): ("THRIFTGATE_MAX_BODY_BYTES",),
+    ("upstream", "url"): ("THRIFTGATE_UPSTREAM_URL",),
+    ("upstream", "api_key"): ("THRIFTGATE_UPSTREAM_API_KEY",),
+    ("upstream", "connect_timeout_s"): ("THRIFTGATE_CONNECT_TIMEOUT_S",),
+    ("upstream", "first_byte_timeout_s"): ("THRIFTGATE_FIRST_BYTE_TIMEOUT_S",),
+    ("upstream", "total_timeout_s"): ("THRIFTGATE_TOTAL_TIMEOUT_S",),
+    ("usage", "log_path"): ("THRIFTGATE_USAGE_LOG",),
+    ("redis", "url"): ("THRIFTGATE_REDIS_URL", "REDIS_URL"),
+}
+
+# command-line flag name -> (section, key)
+FLAGS: dict[str, tuple[str, str]] = {
+    "host": ("server", "host"),
+    "port": ("server", "port"),
+    "workers": ("server", "workers"),
+    "upstream": ("upstream", "url"),
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(where: str, value: Any, annotation: Any) -> Any:
+    """Convert a TOML or environment value to the field's type, or raise ConfigError."""
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
+        annotation = args[0]
+    if value is None or (optional and value == ""):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(value)
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if annotation is str:
+            if not isinstance(value, str | int | float):
+                raise ValueError(value)
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {annotation.__name__}") from None
+    raise ConfigError(f"{where}: unsupported setting type {annotation!r}")
+
+
+def _redis_url_from_parts(env: Mapping[str, str]) -> str | None:
+    host = env.get("REDIS_HOST")
+    if not host:
+        return None
+    port = env.get("REDIS_PORT") or "6379"
+    db = env.get("REDIS_DB") or "0"
+    return f"redis://{host}:{port}/{db}"
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path!r} cannot be read: {exc}") from None
+    for section, values in data.items():
+        if section not in _SECTIONS:
+            known = ", ".join(sorted(_SECTIONS))
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {known})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table")
+        allowed = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+        for key in values:
+            if key not in allowed:
+                raise ConfigError(
+                    f"{path}: unknown setting {section}.{key} (known: {', '.join(sorted(allowed))})"
+                )
+    return data
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Settings:
+    """Build the settings: defaults < TOML file < environment < flags.
+
+    ``flags`` uses the command-line names (host, port, workers, upstream); ``None`` values are
+    ignored. ``env`` defaults to the process environment.
+    """
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    path = config_file or env.get("THRIFTGATE_CONFIG") or None
+    raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    where: dict[tuple[str, str], str] = {}
+
+    if path:
+        for section, values in _read_file(path).items():
+            for key, value in values.items():
+                raw[section][key] = value
+                where[(section, key)] = f"{path}: {section}.{key}"
+
+    redis_parts = _redis_url_from_parts(env)
+    if redis_parts:
+        raw["redis"]["url"] = redis_parts
+        where[("redis", "url")] = "REDIS_HOST/REDIS_PORT/REDIS_DB"
+    for (section, key), names in ENV_VARS.items():
+        for name in names:
+            if name in env:
+                raw[section][key] = env[name]
+                where[(section, key)] = f"environment variable {name}"
+                break
+
+    for flag, value in flags.items():
+        section, key = FLAGS[flag]
+        raw[section][key] = value
+        where[(section, key)] = f"--{flag}"
+
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        hints = _field_types(cls)
+        values = {
+            key: _coerce(where.get((name, key), f"{name}.{key}"), value, hints[key])
+            for key, value in raw[name].items()
+        }
+        sections[name] = cls(**values)
+    settings = Settings(**sections, config_file=path)
+    _validate(settings, where)
+    return settings
+
+
+def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
+    def fail(section: str, key: str, why: str) -> None:
+        raise ConfigError(f"{where.get((section, key), f'{section}.{key}')}: {why}")
+
+    if not 0 <= s.server.port <= 65535:
+        fail("server", "port", f"{s.server.port} is not a TCP port")
+    if s.server.workers < 1:
+        fail("server", "workers", "must be at least 1")
+    if s.server.max_body_bytes < 1:
+        fail("server", "max_body_bytes", "must be positive")
+    if s.server.shutdown_grace_s < 0:
+        fail("server", "shutdown_grace_s", "must not be negative")
+    url = URL(s.upstream.url)
+    if url.scheme not in {"http", "https"} or not url.host:
+        fail("upstream", "url", f"{s.upstream.url!r} is not an http(s) URL")
+    for key in ("connect_timeout_s", "first_byte_timeout_s", "total_timeout_s"):
+        if getattr(s.upstream, key) <= 0:
+            fail("upstream", key, "must be positive")
+    if s.upstream.max_connections < 0:
+        fail("upstream", "max_connections", "must not be negative")
+    if s.redis.url is not None and URL(s.redis.url).scheme not in {"redis", "rediss", "unix"}:
+        fail("redis", "url", "must be a redis://, rediss:// or unix:// URL")

@@ -1,0 +1,173 @@
+"""The request context: what every stage knows about a /v1 request, built once per request.
+
+``RequestContextStage`` sits right inside error mapping: it gives the request an id (bound in
+structlog's contextvars), fingerprints the API key, parses the body of the optimised endpoints once
+(orjson), and when the answer has been delivered hands the outcome to the usage log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from proxy.errors import InvalidRequest, PayloadTooLarge, ProxyError
+from proxy.types import SETTINGS, Handler, Stage
+from proxy.upstream import Outcome, Reply
+
+if TYPE_CHECKING:
+    from proxy.usage import UsageLog
+
+# POST endpoints whose JSON body the chain parses (cache, tokens, budgets, rate limits).
+OPTIMISED_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/completions"})
+
+BAD_JSON = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
+    "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not "
+    "valid JSON.)"
+)
+
+
+def fingerprint(secret: str) -> str:
+    """A short, stable, non-reversible name for an API key: 12 hex digits of its SHA-256."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
+def key_of(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else authorization.strip()
+    return fingerprint(token) if token else None
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    started: float
+    method: str
+    endpoint: str
+    key: str | None
+    organization: str | None = None
+    project: str | None = None
+    optimised: bool = False
+    raw: bytes | None = None
+    body: dict[str, Any] | None = None
+    model: str | None = None
+    stream: bool = False
+    # filled in by the stages as the request goes
+    status: int | None = None
+    cache: str | None = None
+    attempts: int = 1
+    upstream_request_id: str | None = None
+    usage: dict[str, Any] | None = None
+    error: str | None = None
+    upstream_ms: float | None = None
+    ttft_ms: float | None = None
+    latency_ms: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def elapsed_ms(self, at: float | None = None) -> float:
+        return round(((at if at is not None else time.monotonic()) - self.started) * 1000, 3)
+
+
+CTX: web.RequestKey[RequestContext] = web.RequestKey("thriftgate_ctx", RequestContext)
+
+
+def context_of(request: web.Request) -> RequestContext | None:
+    return request.get(CTX)
+
+
+class RequestContextStage(Stage):
+    """Builds the request context, binds the log context and reports each outcome once."""
+
+    def __init__(self, usage_log: UsageLog) -> None:
+        self.usage_log = usage_log
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        ctx = RequestContext(
+            request_id=uuid.uuid4().hex,
+            started=time.monotonic(),
+            method=request.method,
+            endpoint=request.path,
+            key=key_of(request.headers.get("Authorization")),
+            organization=request.headers.get("OpenAI-Organization"),
+            project=request.headers.get("OpenAI-Project"),
+        )
+        request[CTX] = ctx
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
+        try:
+            if request.method == "POST" and request.path in OPTIMISED_ENDPOINTS:
+                await self._parse(request, ctx)
+            resp = await handler(request)
+        except ProxyError as exc:
+            self._close(ctx, exc.status, exc.code)
+            raise
+        except web.HTTPException as exc:
+            self._close(ctx, exc.status, f"http_{exc.status}")
+            raise
+        except asyncio.CancelledError:
+            self._close(ctx, 499, "client_disconnected")
+            raise
+        except Exception:
+            self._close(ctx, 500, "internal_error")
+            raise
+        ctx.status = resp.status
+        if isinstance(resp, Reply):
+            ctx.upstream_request_id = resp.headers.get("x-request-id")
+            self.usage_log.watch(ctx, resp, lambda outcome: self._delivered(ctx, outcome))
+        else:
+            self._close(ctx, resp.status, None)
+        return resp
+
+    @staticmethod
+    async def _parse(request: web.Request, ctx: RequestContext) -> None:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            limit = request.app[SETTINGS].server.max_body_bytes
+            raise PayloadTooLarge(
+                f"The request body is larger than this proxy's limit of {limit} bytes"
+            ) from None
+        ctx.optimised = True
+        ctx.raw = raw
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest(BAD_JSON, code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest(
+                "The request body must be a JSON object, not "
+                f"{'an array' if isinstance(body, list) else type(body).__name__}.",
+                code="invalid_json",
+            )
+        ctx.body = body
+        model = body.get("model")
+        ctx.model = model if isinstance(model, str) else None
+        ctx.stream = body.get("stream") is True
+
+    def _delivered(self, ctx: RequestContext, outcome: Outcome) -> None:
+        done = time.monotonic()
+        if ctx.stream and outcome.first_byte_at is not None:
+            ctx.ttft_ms = ctx.elapsed_ms(outcome.first_byte_at)
+        if outcome.error is not None:
+            ctx.error = outcome.error
+        ctx.latency_ms = ctx.elapsed_ms(done)
+        self.usage_log.write(ctx)
+
+    def _close(self, ctx: RequestContext, status: int, error: str | None) -> None:
+        ctx.status = status
+        if error is not None:
+            ctx.error = error
+        ctx.latency_ms = ctx.elapsed_ms()
+        self.usage_log.write(ctx)

@@ -1,0 +1,44 @@
+"""structlog set-up: JSON lines rendered by orjson, the request id bound in contextvars.
+
+Operational logs (warnings, errors) go to stderr; the usage log (one line per request) goes to its
+own sink, stdout by default, so ``thriftgate serve > usage.jsonl`` keeps the two apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO, Any
+
+import orjson
+import structlog
+
+
+def _render(_: Any, __: str, event: dict[str, Any]) -> bytes:
+    return orjson.dumps(event, default=repr)
+
+
+def configure_logging(stream: IO[bytes] | None = None, level: int = logging.INFO) -> None:
+    """Configure structlog for the process; call once, at start-up."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            structlog.processors.format_exc_info,
+            _render,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.BytesLoggerFactory(stream or sys.stderr.buffer),
+        cache_logger_on_first_use=True,
+    )
+
+
+def usage_logger(stream: IO[bytes]) -> structlog.typing.BindableLogger:
+    """A logger that writes each usage record as one JSON line to ``stream``."""
+    return structlog.wrap_logger(
+        structlog.BytesLogger(stream),
+        processors=[_render],
+        wrapper_class=structlog.BoundLogger,
+        cache_logger_on_first_use=True,
+    )

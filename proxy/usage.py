@@ -1,0 +1,198 @@
+"""The usage log: one JSON line per /v1 request, with the token usage the upstream reported.
+
+``UsageRecorder`` watches a reply's body as it passes (never delaying it) and finds the ``usage``
+object: in a JSON answer, or in the last events of an SSE stream (the ``include_usage`` chunk).
+Compressed answers are decoded from a copy; what the client receives is never touched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import zlib
+from typing import IO, Any
+
+import orjson
+import structlog
+
+from proxy.context import RequestContext
+from proxy.logs import usage_logger
+from proxy.upstream import DoneCallback, Outcome, Reply
+
+log = structlog.get_logger("thriftgate.usage")
+
+JSON_LIMIT = 8 * 1024 * 1024  # a JSON answer larger than this is not inspected for usage
+SSE_TAIL = 64 * 1024  # the usage chunk is among the last events of a stream
+
+
+class _Decoder:
+    """Incremental decoder of the Content-Encodings OpenAI uses (gzip, deflate)."""
+
+    def __init__(self, encoding: str | None) -> None:
+        enc = (encoding or "identity").strip().lower()
+        self.failed = False
+        self._raw_deflate = False
+        self._obj: Any = None
+        if enc == "gzip" or enc == "x-gzip":
+            self._obj = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif enc == "deflate":
+            self._obj = zlib.decompressobj()
+            self._raw_deflate = True  # retry as raw deflate if the zlib header is missing
+        elif enc != "identity":
+            self.failed = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.failed:
+            return b""
+        if self._obj is None:
+            return chunk
+        try:
+            return self._obj.decompress(chunk)
+        except zlib.error:
+            if self._raw_deflate:
+                self._raw_deflate = False
+                self._obj = zlib.decompressobj(-zlib.MAX_WBITS)
+                return self.feed(chunk)
+            self.failed = True
+            return b""
+
+
+class UsageRecorder:
+    """Observer of a reply's body that extracts the upstream's ``usage`` object."""
+
+    def __init__(self, content_type: str | None, content_encoding: str | None) -> None:
+        ctype = (content_type or "").lower()
+        self.sse = ctype.startswith("text/event-stream")
+        self.json = "json" in ctype
+        self._decoder = _Decoder(content_encoding)
+        self._buf = bytearray()
+        self._too_big = False
+
+    def feed(self, chunk: bytes) -> None:
+        if not (self.sse or self.json) or self._too_big:
+            return
+        data = self._decoder.feed(chunk)
+        if not data:
+            return
+        self._buf += data
+        if self.sse:
+            if len(self._buf) > 2 * SSE_TAIL:
+                del self._buf[: len(self._buf) - SSE_TAIL]
+        elif len(self._buf) > JSON_LIMIT:
+            self._too_big = True
+            self._buf.clear()
+
+    def usage(self) -> dict[str, Any] | None:
+        if self._decoder.failed or self._too_big or not self._buf:
+            return None
+        if self.json:
+            try:
+                body = orjson.loads(self._buf)
+            except orjson.JSONDecodeError:
+                return None
+            found = body.get("usage") if isinstance(body, dict) else None
+            if found is None and isinstance(body, dict) and isinstance(body.get("response"), dict):
+                found = body["response"].get("usage")  # Responses API envelope events
+            return found if isinstance(found, dict) else None
+        return _usage_from_sse(bytes(self._buf))
+
+
+def _usage_from_sse(tail: bytes) -> dict[str, Any] | None:
+    for line in reversed(tail.splitlines()):
+        if not line.startswith(b"data:") or b'"usage"' not in line:
+            continue
+        try:
+            event = orjson.loads(line[5:].strip())
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(event, dict):
+            continue
+        found = event.get("usage")
+        if found is None and isinstance(event.get("response"), dict):
+            found = event["response"].get("usage")
+        if isinstance(found, dict):
+            return found
+    return None
+
+
+def token_fields(usage: dict[str, Any] | None) -> dict[str, int | None]:
+    """Normalise chat/embeddings (prompt/completion) and Responses (input/output) usage."""
+    if not usage:
+        return {
+            "prompt_tokens": None,
+            "cached_tokens": None,
+            "completion_tokens": None,
+            "reasoning_tokens": None,
+            "total_tokens": None,
+        }
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    total = usage.get("total_tokens")
+    if total is None and isinstance(prompt, int):
+        total = prompt + (completion if isinstance(completion, int) else 0)
+    prompt_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+    out_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
+    return {
+        "prompt_tokens": prompt,
+        "cached_tokens": prompt_details.get("cached_tokens")
+        if isinstance(prompt_details, dict)
+        else None,
+        "completion_tokens": completion,
+        "reasoning_tokens": out_details.get("reasoning_tokens")
+        if isinstance(out_details, dict)
+        else None,
+        "total_tokens": total,
+    }
+
+
+class UsageLog:
+    """Writes one JSON object per request. Writing never fails a request."""
+
+    def __init__(self, stream: IO[bytes] | None, *, enabled: bool = True) -> None:
+        self.enabled = enabled and stream is not None
+        self._logger = usage_logger(stream) if stream is not None else None
+
+    def record(self, ctx: RequestContext) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "request_id": ctx.request_id,
+            "upstream_request_id": ctx.upstream_request_id,
+            "key": ctx.key,
+            "method": ctx.method,
+            "endpoint": ctx.endpoint,
+            "model": ctx.model,
+            "stream": ctx.stream,
+            "status": ctx.status,
+            "cache": ctx.cache,
+            **token_fields(ctx.usage),
+            "tokens_source": "upstream" if ctx.usage else None,
+            "latency_ms": ctx.latency_ms,
+            "ttft_ms": ctx.ttft_ms,
+            "upstream_ms": ctx.upstream_ms,
+            "attempts": ctx.attempts,
+            "error": ctx.error,
+            **ctx.extra,
+        }
+        return fields
+
+    def watch(self, ctx: RequestContext, reply: Reply, delivered: DoneCallback) -> None:
+        """Read the usage from ``reply``'s body as it passes; call ``delivered`` when it ended."""
+        recorder = UsageRecorder(
+            reply.headers.get("Content-Type"), reply.headers.get("Content-Encoding")
+        )
+        if recorder.sse or recorder.json:
+            reply.observers.append(recorder.feed)
+
+        def done(outcome: Outcome) -> None:
+            if outcome.error is None and ctx.usage is None:
+                ctx.usage = recorder.usage()
+            delivered(outcome)
+
+        reply.on_done.append(done)
+
+    def write(self, ctx: RequestContext) -> None:
+        if not self.enabled or self._logger is None:
+            return
+        try:
+            self._logger.info("usage", **self.record(ctx))
+        except Exception:
+            log.exception("usage_log_write_failed")

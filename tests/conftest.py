@@ -1,0 +1,176 @@
+"""Fixtures: the fake OpenAI upstream, the proxy in front of it, and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from fake_openai import FakeOpenAI
+
+from proxy.app import create_app
+from proxy.config import Settings, load_settings
+
+API_KEY = "sk-test-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class UsageSink(io.BytesIO):
+    """Collects the usage log the proxy writes; ``wait(n)`` returns once n lines were written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._written = asyncio.Event()
+
+    def write(self, data: Any) -> int:
+        n = super().write(data)
+        self._written.set()
+        return n
+
+    def records(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.getvalue().splitlines() if line.strip()]
+
+    async def wait(self, n: int, within: float = 5) -> list[dict[str, Any]]:
+        async with asyncio.timeout(within):
+            while len(records := self.records()) < n:
+                self._written.clear()
+                await self._written.wait()
+        return records
+
+
+@dataclass
+class Proxy:
+    server: TestServer
+    app: web.Application
+    settings: Settings
+    usage: UsageSink
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+
+@pytest.fixture
+def fake() -> FakeOpenAI:
+    return FakeOpenAI()
+
+
+@pytest.fixture
+async def upstream(fake: FakeOpenAI, aiohttp_server: Any) -> TestServer:
+    return await aiohttp_server(fake.app())
+
+
+MakeProxy = Callable[..., Awaitable[Proxy]]
+
+
+@pytest.fixture
+async def make_proxy(upstream: TestServer, aiohttp_server: Any) -> MakeProxy:
+    async def make(env: dict[str, str] | None = None, **flags: Any) -> Proxy:
+        environ = {"THRIFTGATE_UPSTREAM_URL": str(upstream.make_url("/v1")), **(env or {})}
+        settings = load_settings(flags, env=environ)
+        sink = UsageSink()
+        app = create_app(settings, usage_stream=sink)
+        server = await aiohttp_server(app)
+        return Proxy(server, app, settings, sink)
+
+    return make
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy) -> Proxy:
+    return await make_proxy()
+
+
+class RedisServer:
+    """A real redis-server on a free port, owned by the test session; tests may kill it."""
+
+    def __init__(self) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.binary is not None
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """A running redis-server, flushed before the test."""
+    if redis_server.proc is None:
+        redis_server.start()
+    with socket.create_connection(("127.0.0.1", redis_server.port), timeout=1) as s:
+        s.sendall(b"FLUSHALL\r\n")
+        s.recv(16)
+    yield redis_server.url
+
+
+async def collect(stream: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in stream])

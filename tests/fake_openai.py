@@ -1,0 +1,481 @@
+"""A fake OpenAI API: a real aiohttp server speaking OpenAI's wire format, told to fail on demand.
+
+It is the one fake the test suite allows (the real API is out of reach). It answers like the real
+service: chat completions as JSON or SSE (with ``stream_options.include_usage``), embeddings as
+floats or base64 float32, models, file uploads, OpenAI's error envelope, the usual headers
+(``x-request-id``, ``openai-processing-ms``, ``x-ratelimit-*``, a Cloudflare cookie) and gzip when
+the client accepts it. Every answer has a fresh id, so a test can tell a fresh answer from a
+replayed one. ``fail_next`` queues faults: a status with an error body, a connection reset, a
+delay, a stream cut after N chunks; ``gate`` holds a stream after its first chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import hashlib
+import random
+import struct
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+MODELS = ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "o3", "text-embedding-3-small"]
+
+
+@dataclass
+class Fault:
+    status: int | None = None  # answer with this status and an OpenAI error body (or ``body``)
+    body: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    code: str | None = None  # the error body's code
+    type: str | None = None  # the error body's type
+    reset: bool = False  # drop the connection without answering
+    delay: float = 0.0  # wait this long before answering
+    cut_after: int | None = None  # streams: drop the connection after this many chunks
+
+
+FAULT: web.RequestKey[Fault | None] = web.RequestKey("fault")
+
+
+@dataclass
+class Sent:
+    status: int
+    headers: CIMultiDict[str]  # final headers, as written on the wire
+    body: bytes | None  # None for streams
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str  # raw path with query string, as received
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+
+
+def vector(text: str, dims: int) -> list[float]:
+    """A deterministic unit-ish vector for ``text``, exactly representable as float32."""
+    rnd = random.Random(hashlib.sha256(text.encode()).digest())
+    values = [rnd.uniform(-1, 1) for _ in range(dims)]
+    return list(struct.unpack(f"<{dims}f", struct.pack(f"<{dims}f", *values)))
+
+
+def answer_for(messages: list[dict[str, Any]]) -> str:
+    last = messages[-1].get("content") if messages else ""
+    if isinstance(last, list):
+        last = " ".join(p.get("text", "") for p in last if isinstance(p, dict))
+    return f"You said: {last}" if last else "Hello! How can I help you today?"
+
+
+class FakeOpenAI:
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.sent: list[Sent] = []  # every answer, as the fake wrote it
+        self.faults: deque[Fault] = deque()
+        self.gate: asyncio.Event | None = None  # streams wait on it after their first chunk
+        self.first_chunk_sent = asyncio.Event()
+        self.disconnected = asyncio.Event()  # a client went away mid-answer
+        self.files: dict[str, bytes] = {}
+        self.compress_streams = False
+
+    # -- control -----------------------------------------------------------------------------
+    def fail_next(self, *faults: Fault) -> None:
+        self.faults.extend(faults)
+
+    def calls(self, path: str | None = None) -> int:
+        return sum(1 for r in self.requests if path is None or r.path.split("?")[0] == path)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.model)
+        app.router.add_delete("/v1/models/{model}", self.delete_model)
+        app.router.add_post("/v1/files", self.upload)
+        app.router.add_get("/v1/files/{file_id}/content", self.file_content)
+        app.router.add_route("*", "/{tail:.*}", self.unknown)
+        app.middlewares.append(self._middleware)
+        app.on_response_prepare.append(self._record_answer)
+        return app
+
+    async def _record_answer(self, request: web.Request, resp: web.StreamResponse) -> None:
+        body = resp.body if isinstance(resp, web.Response) else None
+        self.sent.append(
+            Sent(resp.status, CIMultiDict(resp.headers), bytes(body) if body is not None else None)
+        )
+
+    # -- plumbing ----------------------------------------------------------------------------
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        body = await request.read() if request.path != "/v1/files" else b""
+        self.requests.append(
+            Recorded(request.method, request.raw_path, CIMultiDict(request.headers), body)
+        )
+        fault = self.faults.popleft() if self.faults else None
+        request[FAULT] = fault
+        if fault is not None:
+            if fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault.reset:
+                assert request.transport is not None
+                request.transport.abort()
+                return web.Response()
+            if fault.status is not None:
+                return self._error(fault)
+        if not request.headers.get("Authorization", "").startswith("Bearer "):
+            return web.Response(
+                status=401,
+                body=error_body(
+                    "You didn't provide an API key. You need to provide your API key in an "
+                    "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                    "invalid_request_error",
+                    None,
+                ),
+                content_type="application/json",
+                headers=self._headers(),
+            )
+        return await handler(request)
+
+    def _error(self, fault: Fault) -> web.Response:
+        status = fault.status or 500
+        defaults = {
+            429: ("Rate limit reached for requests", "requests", "rate_limit_exceeded"),
+            500: (
+                "The server had an error while processing your request. Sorry about that!",
+                "server_error",
+                None,
+            ),
+            503: (
+                "The engine is currently overloaded, please try again later",
+                "server_error",
+                None,
+            ),
+        }
+        message, type_, code = defaults.get(status, ("Bad request", "invalid_request_error", None))
+        body = fault.body or error_body(message, fault.type or type_, fault.code or code)
+        headers = self._headers()
+        headers.update(fault.headers)
+        return web.Response(
+            status=status, body=body, content_type="application/json", headers=headers
+        )
+
+    @staticmethod
+    def _headers() -> dict[str, str]:
+        return {
+            "x-request-id": f"req_{uuid.uuid4().hex}",
+            "openai-processing-ms": str(random.randint(80, 900)),
+            "openai-organization": "user-fake",
+            "openai-version": "2020-10-01",
+            "x-ratelimit-limit-requests": "10000",
+            "x-ratelimit-limit-tokens": "30000000",
+            "x-ratelimit-remaining-requests": "9999",
+            "x-ratelimit-remaining-tokens": "29999950",
+            "x-ratelimit-reset-requests": "6ms",
+            "x-ratelimit-reset-tokens": "0s",
+            "strict-transport-security": "max-age=31536000; includeSubDomains; preload",
+            "set-cookie": f"__cf_bm={uuid.uuid4().hex}; path=/; HttpOnly; Secure; SameSite=None",
+            "cf-cache-status": "DYNAMIC",
+        }
+
+    def _json(self, request: web.Request, payload: Any) -> web.Response:
+        body = orjson.dumps(payload)
+        headers = self._headers()
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            body = gzip.compress(body)
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+    @staticmethod
+    def _bad(message: str, param: str | None = None) -> web.Response:
+        return web.Response(
+            status=400,
+            body=error_body(message, "invalid_request_error", None, param),
+            content_type="application/json",
+        )
+
+    # -- endpoints ---------------------------------------------------------------------------
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            req = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return self._bad("We could not parse the JSON body of your request.")
+        messages = req.get("messages")
+        if not isinstance(messages, list) or not req.get("model"):
+            return self._bad("Missing required parameter: 'messages'.", "messages")
+        text = answer_for(messages)
+        prompt_tokens = max(1, len(orjson.dumps(messages)) // 4)
+        pieces = [w + " " for w in text.split(" ")]
+        pieces[-1] = pieces[-1].rstrip()
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(pieces),
+            "total_tokens": prompt_tokens + len(pieces),
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
+        ident = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        base = {
+            "id": ident,
+            "created": int(time.time()),
+            "model": req["model"],
+            "service_tier": "default",
+            "system_fingerprint": "fp_fake0001",
+        }
+        if req.get("stream"):
+            include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+            return await self._stream(request, base, pieces, usage if include_usage else None)
+        payload = {
+            **base,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": text,
+                        "refusal": None,
+                        "annotations": [],
+                    },
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": usage,
+        }
+        return self._json(request, payload)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        base: dict[str, Any],
+        pieces: list[str],
+        usage: dict[str, Any] | None,
+    ) -> web.StreamResponse:
+        fault = request[FAULT]
+        headers = self._headers()
+        if self.compress_streams:
+            headers["Content-Encoding"] = "gzip"
+        resp = web.StreamResponse(headers=headers)
+        resp.content_type = "text/event-stream"
+        resp.charset = "utf-8"
+        await resp.prepare(request)
+        compressor = gzip_stream() if self.compress_streams else None
+
+        def chunk(choices: list[dict[str, Any]], with_usage: Any = ...) -> bytes:
+            event: dict[str, Any] = {**base, "object": "chat.completion.chunk", "choices": choices}
+            if usage is not None:
+                event["usage"] = None if with_usage is ... else with_usage
+            return b"data: " + orjson.dumps(event) + b"\n\n"
+
+        events = [
+            chunk(
+                [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": "", "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            ),
+            *[
+                chunk(
+                    [{"index": 0, "delta": {"content": p}, "logprobs": None, "finish_reason": None}]
+                )
+                for p in pieces
+            ],
+            chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]),
+        ]
+        if usage is not None:
+            events.append(chunk([], usage))
+        events.append(b"data: [DONE]\n\n")
+        try:
+            for n, event in enumerate(events):
+                if fault is not None and fault.cut_after is not None and n >= fault.cut_after:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                data = compressor.send(event) if compressor is not None else event
+                await resp.write(data)
+                if n == 0:
+                    self.first_chunk_sent.set()
+                    if self.gate is not None:
+                        await self.gate.wait()
+            if compressor is not None:
+                await resp.write(compressor.send(None))
+            await resp.write_eof()
+        except (asyncio.CancelledError, ConnectionError):
+            self.disconnected.set()
+            raise
+        return resp
+
+    async def completions(self, request: web.Request) -> web.Response:
+        req = orjson.loads(await request.read())
+        prompt = req.get("prompt", "")
+        text = f" echo {prompt}"
+        return self._json(
+            request,
+            {
+                "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": req.get("model"),
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+            },
+        )
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        try:
+            req = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return self._bad("We could not parse the JSON body of your request.")
+        raw = req.get("input")
+        if raw is None or not req.get("model"):
+            return self._bad("'input' is a required property", "input")
+        if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
+            inputs: list[Any] = [raw]
+        else:
+            inputs = list(raw)
+        dims = int(req.get("dimensions") or 64)
+        fmt = req.get("encoding_format", "float")
+        data = []
+        tokens = 0
+        for i, item in enumerate(inputs):
+            text = item if isinstance(item, str) else " ".join(map(str, item))
+            tokens += len(item) if isinstance(item, list) else max(1, len(item) // 4)
+            vec = vector(text, dims)
+            emb: Any = (
+                base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode()
+                if fmt == "base64"
+                else vec
+            )
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        return self._json(
+            request,
+            {
+                "object": "list",
+                "data": data,
+                "model": req["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
+
+    async def models(self, request: web.Request) -> web.Response:
+        return self._json(
+            request,
+            {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": 1715367049, "owned_by": "system"}
+                    for m in MODELS
+                ],
+            },
+        )
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in MODELS:
+            return web.Response(
+                status=404,
+                body=error_body(
+                    f"The model '{name}' does not exist", "invalid_request_error", "model_not_found"
+                ),
+                content_type="application/json",
+                headers=self._headers(),
+            )
+        return self._json(
+            request, {"id": name, "object": "model", "created": 1715367049, "owned_by": "system"}
+        )
+
+    async def delete_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        return self._json(request, {"id": name, "object": "model", "deleted": True})
+
+    async def upload(self, request: web.Request) -> web.Response:
+        reader = await request.multipart()
+        purpose = None
+        content = b""
+        filename = None
+        async for part in reader:
+            if part.name == "purpose":
+                purpose = (await part.read()).decode()
+            elif part.name == "file":
+                filename = part.filename
+                content = bytes(await part.read())
+        file_id = f"file-{uuid.uuid4().hex[:24]}"
+        self.files[file_id] = content
+        return self._json(
+            request,
+            {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(content),
+                "created_at": int(time.time()),
+                "filename": filename,
+                "purpose": purpose,
+                "status": "processed",
+                "sha256": hashlib.sha256(content).hexdigest(),
+            },
+        )
+
+    async def file_content(self, request: web.Request) -> web.Response:
+        content = self.files.get(request.match_info["file_id"])
+        if content is None:
+            return web.Response(
+                status=404,
+                body=error_body("No such File object", "invalid_request_error", None),
+                content_type="application/json",
+            )
+        return web.Response(
+            body=content, content_type="application/octet-stream", headers=self._headers()
+        )
+
+    async def unknown(self, request: web.Request) -> web.Response:
+        return web.Response(
+            status=404,
+            body=error_body(
+                f"Invalid URL ({request.method} {request.path})", "invalid_request_error", None
+            ),
+            content_type="application/json",
+            headers=self._headers(),
+        )
+
+
+def gzip_stream() -> Any:
+    """A generator: send() bytes, get their gzip-compressed flush; send(None) to finish."""
+    import zlib
+
+    def gen() -> Any:
+        comp = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+        out = b""
+        while True:
+            data = yield out
+            if data is None:
+                yield comp.flush()
+                return
+            out = comp.compress(data) + comp.flush(zlib.Z_SYNC_FLUSH)
+
+    g = gen()
+    next(g)
+    return g
