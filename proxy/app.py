@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -62,6 +63,7 @@ async def readyz(request: web.Request) -> web.Response:
         "upstream": settings.upstream.url,
         "redis": {"configured": settings.redis.url is not None, "status": "disabled"},
         "uptime_s": round(time.monotonic() - state.started, 3),
+        "pid": os.getpid(),
     }
     return web.json_response(report, status=503 if state.shutting_down else 200)
 

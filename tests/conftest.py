@@ -20,6 +20,7 @@ from fake_openai import FakeOpenAI
 
 from proxy.app import create_app
 from proxy.config import Settings, load_settings
+from proxy.logs import configure_logging
 
 API_KEY = "sk-test-0123456789abcdef"
 
@@ -67,6 +68,24 @@ class Proxy:
     @property
     def base_url(self) -> str:
         return self.url + "/v1"
+
+
+class LogSink(io.BytesIO):
+    def lines(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.getvalue().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def app_logs() -> LogSink:
+    """The proxy's operational log (structlog JSON), captured for the whole session."""
+    sink = LogSink()
+    configure_logging(sink)
+    return sink
+
+
+@pytest.fixture(autouse=True)
+def _logging(app_logs: LogSink) -> None:
+    """Every test runs with the production log configuration."""
 
 
 @pytest.fixture

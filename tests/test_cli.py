@@ -1,0 +1,145 @@
+"""The real program: ``thriftgate serve`` / ``python -m proxy serve`` as a separate process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+from conftest import API_KEY, free_port
+from fake_openai import FakeOpenAI
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+
+    async def ready(self, within: float = 15) -> None:
+        """Wait until the process answers /healthz (it has no other way to say it is up)."""
+        async with asyncio.timeout(within), aiohttp.ClientSession() as s:
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"exited early: {self.log.read_text()}")
+                try:
+                    async with s.get(self.url + "/healthz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.05)
+
+    async def wait(self, within: float = 30) -> int:
+        return await asyncio.wait_for(asyncio.to_thread(self.proc.wait), within)
+
+
+def start(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Served:
+    port = free_port()
+    log = tmp_path / f"serve-{port}.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--port", str(port), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, **(env or {})},
+        )
+    return Served(proc, port, log)
+
+
+@pytest.fixture
+async def served(tmp_path: Path, upstream: TestServer) -> AsyncIterator[Served]:
+    server = start(tmp_path, "--upstream", str(upstream.make_url("/v1")))
+    await server.ready()
+    yield server
+    if server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait()
+
+
+async def test_serve_proxies_for_the_sdk(served: Served, fake: FakeOpenAI) -> None:
+    async with openai.AsyncOpenAI(base_url=served.url + "/v1", api_key=API_KEY) as client:
+        completion = await client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "via process"}]
+        )
+    assert completion.choices[0].message.content == "You said: via process"
+    served.proc.send_signal(signal.SIGTERM)
+    assert await served.wait() == 0
+    lines = [orjson.loads(x) for x in served.log.read_text().splitlines() if x.startswith("{")]
+    assert {"listening", "stopped"} <= {line.get("event") for line in lines}
+
+
+async def test_sigterm_lets_inflight_stream_finish(served: Served, fake: FakeOpenAI) -> None:
+    fake.gate = asyncio.Event()
+    body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "a b"}]}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(served.url + "/v1/chat/completions", json=body, headers=headers) as r,
+    ):
+        first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)
+        served.proc.send_signal(signal.SIGTERM)
+        # the listener closes: a new connection is refused while the stream goes on
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    async with aiohttp.ClientSession() as s2, s2.get(served.url + "/healthz"):
+                        pass
+                except aiohttp.ClientConnectionError:
+                    break
+                await asyncio.sleep(0.05)
+        assert served.proc.poll() is None
+        fake.gate.set()
+        rest = await asyncio.wait_for(r.read(), 10)
+    assert b"role" in first
+    assert rest.endswith(b"data: [DONE]\n\n")
+    assert await served.wait() == 0
+
+
+async def test_workers_share_the_port(tmp_path: Path, upstream: TestServer) -> None:
+    server = start(tmp_path, "--upstream", str(upstream.make_url("/v1")), "--workers", "2")
+    try:
+        await server.ready()
+        pids = set()
+        for _ in range(40):
+            async with aiohttp.ClientSession() as s, s.get(server.url + "/readyz") as r:
+                pids.add((await r.json())["pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2
+        assert server.proc.pid not in pids
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.wait() == 0
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+def test_bad_configuration_exits_2_with_a_message(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--port", "99999"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--port: 99999 is not a TCP port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_console_script_is_the_same_program() -> None:
+    result = subprocess.run(["thriftgate", "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert result.stdout.startswith("thriftgate ")

@@ -1,0 +1,110 @@
+"""Configuration: defaults < TOML file < environment < flags, and clear errors for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.config import ConfigError, Settings, load_settings
+
+EXAMPLE = Path(__file__).parent.parent / "config" / "thriftgate.example.toml"
+
+
+def test_defaults() -> None:
+    s = load_settings(env={})
+    assert s == Settings()
+    assert s.server.host == "127.0.0.1"
+    assert s.server.port == 8080
+    assert s.server.workers == 1
+    assert s.upstream.url == "https://api.openai.com/v1"
+    assert s.server.max_body_bytes == 100 * 1024 * 1024
+    assert s.redis.url is None
+
+
+def test_example_file_is_valid_and_equals_the_defaults() -> None:
+    s = load_settings(env={}, config_file=str(EXAMPLE))
+    assert s.config_file == str(EXAMPLE)
+    assert s.server == Settings().server
+    assert s.upstream == Settings().upstream
+
+
+def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[server]\nport = 9001\nhost = "10.0.0.1"\nworkers = 3\n'
+        '[upstream]\nurl = "http://file:1/v1"\n'
+    )
+    env = {"THRIFTGATE_CONFIG": str(cfg), "THRIFTGATE_PORT": "9002", "THRIFTGATE_WORKERS": "2"}
+    s = load_settings({"port": 9003, "host": None}, env=env)
+    assert s.server.port == 9003  # flag
+    assert s.server.workers == 2  # env
+    assert s.server.host == "10.0.0.1"  # file
+    assert s.upstream.url == "http://file:1/v1"
+    assert s.config_file == str(cfg)
+
+
+def test_redis_url_from_parts_and_url() -> None:
+    assert (
+        load_settings(env={"REDIS_HOST": "r", "REDIS_PORT": "7000", "REDIS_DB": "2"}).redis.url
+        == "redis://r:7000/2"
+    )
+    assert (
+        load_settings(env={"REDIS_URL": "redis://x:1/0", "REDIS_HOST": "r"}).redis.url
+        == "redis://x:1/0"
+    )
+
+
+def test_secrets_not_in_repr() -> None:
+    s = load_settings(
+        env={"THRIFTGATE_UPSTREAM_API_KEY": "sk-secret-value", "REDIS_URL": "redis://:pw@h:1/0"}
+    )
+    assert s.upstream.api_key == "sk-secret-value"
+    assert "sk-secret-value" not in repr(s)
+    assert "pw@" not in repr(s)
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings(env={})
+    with pytest.raises(AttributeError):
+        s.server.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"THRIFTGATE_PORT": "http"}, "THRIFTGATE_PORT: 'http' is not a valid int"),
+        ({"THRIFTGATE_PORT": "70000"}, "is not a TCP port"),
+        ({"THRIFTGATE_WORKERS": "0"}, "must be at least 1"),
+        ({"THRIFTGATE_UPSTREAM_URL": "api.openai.com"}, "is not an http(s) URL"),
+        ({"THRIFTGATE_CONNECT_TIMEOUT_S": "-1"}, "must be positive"),
+        ({"REDIS_URL": "http://x"}, "redis://"),
+    ],
+)
+def test_bad_values_say_where(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as caught:
+        load_settings(env=env)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nprot = 1\n", "unknown setting server.prot"),
+        ("[srever]\n", "unknown section [srever]"),
+        ("[server\n", "not valid TOML"),
+        ('[server]\nport = "x"\n', "server.port: 'x' is not a valid int"),
+        ("[server]\nport = 8080.5\n", "is not a valid int"),
+    ],
+)
+def test_bad_files_say_where(tmp_path: Path, text: str, message: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={}, config_file=str(cfg))
+    assert message in str(caught.value)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(env={"THRIFTGATE_CONFIG": "/nonexistent/x.toml"})

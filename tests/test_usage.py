@@ -1,0 +1,113 @@
+"""The usage log: one JSON line per /v1 request, tokens from the upstream, keys only fingerprinted."""
+
+from __future__ import annotations
+
+import hashlib
+
+import aiohttp
+import openai
+from conftest import API_KEY, LogSink, Proxy
+from fake_openai import FakeOpenAI, Fault
+
+from proxy.context import fingerprint, key_of
+from proxy.usage import UsageRecorder
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "count me"}]}
+
+
+def test_fingerprint_is_12_hex_of_sha256() -> None:
+    assert fingerprint(API_KEY) == hashlib.sha256(API_KEY.encode()).hexdigest()[:12]
+    assert key_of(f"Bearer {API_KEY}") == fingerprint(API_KEY)
+    assert key_of(f"bearer   {API_KEY}") == fingerprint(API_KEY)
+    assert key_of(None) is None
+    assert key_of("Bearer ") is None
+
+
+async def test_one_line_per_request_with_the_documented_fields(
+    proxy: Proxy, fake: FakeOpenAI
+) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT, headers=AUTH) as r:
+            answer = await r.json()
+        async with s.get(proxy.url + "/v1/models", headers=AUTH) as r:
+            await r.read()
+        async with s.get(proxy.url + "/healthz") as r:  # not a /v1 request: no line
+            await r.read()
+    chat, models = await proxy.usage.wait(2)
+    assert len(proxy.usage.records()) == 2
+    assert chat["key"] == fingerprint(API_KEY)
+    assert chat["endpoint"] == "/v1/chat/completions"
+    assert chat["model"] == "gpt-4o-mini"
+    assert chat["stream"] is False
+    assert chat["status"] == 200
+    assert chat["prompt_tokens"] == answer["usage"]["prompt_tokens"]
+    assert chat["completion_tokens"] == answer["usage"]["completion_tokens"]
+    assert chat["total_tokens"] == answer["usage"]["total_tokens"]
+    assert chat["cached_tokens"] == 0
+    assert chat["tokens_source"] == "upstream"
+    assert chat["latency_ms"] > 0
+    assert chat["ts"].endswith("Z")
+    assert len(chat["request_id"]) == 32
+    assert chat["request_id"] != models["request_id"]
+    assert models["endpoint"] == "/v1/models"
+    assert models["model"] is None
+    assert models["total_tokens"] is None
+
+
+async def test_raw_key_never_logged(proxy: Proxy, fake: FakeOpenAI, app_logs: LogSink) -> None:
+    fake.fail_next(Fault(status=500), Fault(reset=True))
+    async with aiohttp.ClientSession() as s:
+        for body in (CHAT, CHAT, CHAT):
+            async with s.post(proxy.url + "/v1/chat/completions", json=body, headers=AUTH) as r:
+                await r.read()
+        async with s.post(proxy.url + "/v1/embeddings", data=b"{", headers=AUTH) as r:
+            await r.read()
+    await proxy.usage.wait(4)
+    assert API_KEY.encode() not in proxy.usage.getvalue()
+    assert API_KEY.encode() not in app_logs.getvalue()
+    statuses = [r["status"] for r in proxy.usage.records()]
+    assert statuses == [500, 502, 200, 400]
+
+
+async def test_stream_usage_from_include_usage_chunk_even_gzipped(
+    proxy: Proxy, fake: FakeOpenAI
+) -> None:
+    fake.compress_streams = True
+    async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY) as client:
+        stream = await client.chat.completions.create(
+            **CHAT, stream=True, stream_options={"include_usage": True}
+        )
+        usage = [c.usage async for c in stream if c.usage is not None][-1]
+    record = (await proxy.usage.wait(1))[-1]
+    assert record["stream"] is True
+    assert record["total_tokens"] == usage.total_tokens
+    assert record["ttft_ms"] is not None
+
+
+async def test_stream_without_usage_logs_no_tokens(proxy: Proxy) -> None:
+    async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY) as client:
+        stream = await client.chat.completions.create(**CHAT, stream=True)
+        async for _ in stream:
+            pass
+    record = (await proxy.usage.wait(1))[-1]
+    assert record["total_tokens"] is None
+    assert record["tokens_source"] is None
+    assert record["error"] is None
+
+
+def test_recorder_handles_responses_api_and_garbage() -> None:
+    rec = UsageRecorder("application/json", None)
+    rec.feed(b'{"object":"response","usage":{"input_tokens":7,')
+    rec.feed(b'"output_tokens":3,"total_tokens":10}}')
+    assert rec.usage() == {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}
+    broken = UsageRecorder("application/json", "gzip")
+    broken.feed(b"not gzip at all")
+    assert broken.usage() is None
+    unknown = UsageRecorder("application/json", "br")
+    unknown.feed(b"\x00\x01")
+    assert unknown.usage() is None
+    sse = UsageRecorder("text/event-stream; charset=utf-8", None)
+    sse.feed(b'event: response.completed\ndata: {"type":"response.completed","response":')
+    sse.feed(b'{"usage":{"input_tokens":1,"output_tokens":2}}}\n\n')
+    assert sse.usage() == {"input_tokens": 1, "output_tokens": 2}
