@@ -1,4 +1,4 @@
-"""Bad input gets OpenAI's error envelope with the right status; one bad request disturbs no other."""
+"""Bad input gets an OpenAI error envelope with the right status; it disturbs no other request."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The usage log: one JSON line per /v1 request, tokens from the upstream, keys only fingerprinted."""
+"""The usage log: one JSON line per /v1 request, upstream tokens, keys only fingerprinted."""
 
 from __future__ import annotations
 
