@@ -34,6 +34,7 @@ class AppState:
 STATE: web.AppKey[AppState] = web.AppKey("state", AppState)
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM: web.AppKey[Upstream] = web.AppKey("upstream", Upstream)
+USAGE_LOG: web.AppKey[UsageLog] = web.AppKey("usage_log", UsageLog)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -88,6 +89,8 @@ def create_app(settings: Settings, *, usage_stream: IO[bytes] | None = None) -> 
     app[SETTINGS] = settings
     app[STATE] = AppState(started=time.monotonic())
     app.cleanup_ctx.append(_upstream_session)
+    app[USAGE_LOG] = usage_log
+    app.on_cleanup.append(_flush_usage_log)
     app.on_shutdown.append(_mark_shutting_down)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -108,6 +111,10 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAM] = Upstream(settings.upstream, session)
     yield
     await session.close()
+
+
+async def _flush_usage_log(app: web.Application) -> None:
+    app[USAGE_LOG].flush()
 
 
 async def _mark_shutting_down(app: web.Application) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -90,6 +91,12 @@ def _run(settings: Settings, *, reuse_port: bool) -> None:
         config_file=settings.config_file,
         redis=settings.redis.url is not None,
     )
+    # Everything loaded at start-up lives as long as the process: keep it out of the collector's
+    # scans, and collect the young generation less often (a request allocates many short-lived
+    # objects, freed by reference counting). Measured in bench/: about 7% less CPU per request.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
     web.run_app(
         create_app(settings),
         host=settings.server.host,

@@ -1,7 +1,8 @@
 """structlog set-up: JSON lines rendered by orjson, the request id bound in contextvars.
 
-Operational logs (warnings, errors) go to stderr; the usage log (one line per request) goes to its
-own sink, stdout by default, so ``thriftgate serve > usage.jsonl`` keeps the two apart.
+Operational logs (warnings, errors) go to stderr; the usage log (one line per request, written by
+``proxy.usage`` with the same orjson rendering) goes to its own sink, stdout by default, so
+``thriftgate serve > usage.jsonl`` keeps the two apart.
 """
 
 from __future__ import annotations
@@ -30,15 +31,5 @@ def configure_logging(stream: IO[bytes] | None = None, level: int = logging.INFO
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.BytesLoggerFactory(stream or sys.stderr.buffer),
-        cache_logger_on_first_use=True,
-    )
-
-
-def usage_logger(stream: IO[bytes]) -> structlog.typing.BindableLogger:
-    """A logger that writes each usage record as one JSON line to ``stream``."""
-    return structlog.wrap_logger(
-        structlog.BytesLogger(stream),
-        processors=[_render],
-        wrapper_class=structlog.BoundLogger,
         cache_logger_on_first_use=True,
     )

@@ -36,16 +36,25 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+# An answer of known length up to this size is read whole and sent in one write (not a stream).
+SMALL_BODY = 256 * 1024
 # Headers aiohttp's client would otherwise add on its own: a transparent proxy adds nothing.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-def hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    """The hop-by-hop header names of a message: the fixed set plus those named in Connection."""
-    names = set(HOP_BY_HOP)
-    for value in headers.getall("Connection", ()):
-        names.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return names
+def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str], *also: str) -> CIMultiDict[str]:
+    """A copy of ``headers`` without hop-by-hop ones (the fixed set and those Connection names)
+    and without the names in ``also``."""
+    out = CIMultiDict(headers)
+    named = [
+        token.strip()
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+        if token.strip()
+    ]
+    for name in (*HOP_BY_HOP, *named, *also):
+        out.popall(name, None)
+    return out
 
 
 @dataclass(slots=True)
@@ -62,7 +71,8 @@ DoneCallback = Callable[[Outcome], None]
 
 
 class Reply(web.StreamResponse):
-    """A response whose body comes from ``source`` (or fixed ``body``) when aiohttp sends it."""
+    """A response whose body comes from the ``upstream`` response (or is the fixed ``body``),
+    sent when aiohttp sends it."""
 
     def __init__(
         self,
@@ -70,41 +80,44 @@ class Reply(web.StreamResponse):
         status: int,
         reason: str | None,
         headers: CIMultiDict[str],
-        source: AsyncIterator[bytes] | None = None,
+        upstream: aiohttp.ClientResponse | None = None,
         body: bytes | None = None,
-        release: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(status=status, reason=reason, headers=headers)
-        self._source = source
+        self._upstream = upstream
         self._fixed = body
-        self._release = release
         self._request: web.BaseRequest | None = None
         self._done = False
         self.observers: list[Observer] = []
         self.on_done: list[DoneCallback] = []
-        length = headers.get("Content-Length")
-        if length is not None and length.isdigit():
-            self.content_length = int(length)
-        elif body is not None:
+        if body is not None:
             self.content_length = len(body)
+            self._read_whole = False
+        else:
+            # a small answer of known length, not an event stream, is read whole
+            length = headers.get("Content-Length", "")
+            self._read_whole = (
+                length.isdigit()
+                and int(length) <= SMALL_BODY
+                and not headers.get("Content-Type", "").startswith("text/event-stream")
+            )
+        if body is not None or self._read_whole:
+            # the headers go out with the body, in one write, as aiohttp's own Response does
+            self._send_headers_immediately = False
 
     async def read(self) -> bytes:
         """Take the whole body from the upstream now (before anything is sent) and keep it."""
         if self._fixed is None:
-            chunks: list[bytes] = []
-            if self._source is not None:
-                async for chunk in self._source:
-                    chunks.append(chunk)
-            self._fixed = b"".join(chunks)
-            self._source = None
+            self._fixed = await self._upstream.read() if self._upstream is not None else b""
             self.release()
         return self._fixed
 
     def release(self) -> None:
-        """Close the upstream response; safe to call more than once."""
-        release, self._release = self._release, None
-        if release is not None:
-            release()
+        """Give the upstream connection back (or close it if the body was not read whole);
+        safe to call more than once."""
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.release()
 
     async def prepare(self, request: web.BaseRequest) -> aiohttp.AbstractStreamWriter | None:
         self._request = request
@@ -120,9 +133,18 @@ class Reply(web.StreamResponse):
         sent = 0
         first: float | None = None
         try:
-            chunks = _once(self._fixed) if self._fixed is not None else self._source
-            if chunks is not None:
-                async for chunk in chunks:
+            if self._fixed is None and self._read_whole:
+                await self.read()  # a small answer of known length goes out in one write
+            if self._fixed is not None:
+                if self._fixed:
+                    first = time.monotonic()
+                    for observe in self.observers:
+                        observe(self._fixed)
+                sent = len(self._fixed)
+                await super().write_eof(self._fixed)
+            else:
+                assert self._upstream is not None
+                async for chunk in self._upstream.content.iter_any():
                     if not chunk:
                         continue
                     if first is None:
@@ -131,7 +153,7 @@ class Reply(web.StreamResponse):
                         observe(chunk)
                     await self.write(chunk)
                     sent += len(chunk)
-            await super().write_eof(data)
+                await super().write_eof(data)
         except asyncio.CancelledError:
             self._finish(Outcome("client_disconnected", sent, first))
             raise
@@ -163,8 +185,9 @@ class Reply(web.StreamResponse):
                 log.exception("reply_callback_failed")
 
 
-async def _once(body: bytes) -> AsyncIterator[bytes]:
-    yield body
+def _expire(task: asyncio.Task[object], expired: list[bool]) -> None:
+    expired.append(True)
+    task.cancel()
 
 
 class _BodyCounter:
@@ -192,10 +215,10 @@ class Upstream:
         self.settings = settings
         self.session = session
         self.base = settings.url.rstrip("/")
+        # connect and total are aiohttp's; time to first byte is an asyncio timeout around the
+        # wait for the status line (cheaper than sock_read, which re-arms a timer on every read)
         self.timeout = aiohttp.ClientTimeout(
-            total=settings.total_timeout_s,
-            connect=settings.connect_timeout_s,
-            sock_read=settings.first_byte_timeout_s,
+            total=settings.total_timeout_s, connect=settings.connect_timeout_s
         )
 
     @staticmethod
@@ -220,10 +243,8 @@ class Upstream:
         return URL(self.base + rest, encoded=True)
 
     def request_headers(self, request: web.BaseRequest, *, fixed_body: bool) -> CIMultiDict[str]:
-        drop = hop_by_hop(request.headers) | {"host"}
-        if fixed_body:
-            drop.add("content-length")  # aiohttp sets it from the bytes, to the same value
-        headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in drop)
+        # with the body in hand, aiohttp sets Content-Length from the bytes, to the same value
+        headers = end_to_end(request.headers, "Host", *(("Content-Length",) if fixed_body else ()))
         if self.settings.api_key:
             headers["Authorization"] = f"Bearer {self.settings.api_key}"
         return headers
@@ -244,16 +265,29 @@ class Upstream:
             data = _BodyCounter(request.content, max_body)
         headers = self.request_headers(request, fixed_body=body is not None)
         url = self.target(request)
+        # time to first byte: one timer that cancels this task (lighter than asyncio.timeout)
+        task = asyncio.current_task()
+        assert task is not None
+        expired: list[bool] = []
+        timer = asyncio.get_running_loop().call_later(
+            self.settings.first_byte_timeout_s, _expire, task, expired
+        )
         try:
-            async with asyncio.timeout(self.settings.first_byte_timeout_s):
-                resp = await self.session.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=data,
-                    timeout=self.timeout,
-                    allow_redirects=False,
-                )
+            resp = await self.session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=data,
+                timeout=self.timeout,
+                allow_redirects=False,
+            )
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            task.uncancel()
+            raise UpstreamTimeout(
+                f"The upstream did not answer within the proxy's time limit ({url.host})"
+            ) from None
         except PayloadTooLarge:
             raise
         except TimeoutError:
@@ -266,12 +300,11 @@ class Upstream:
             raise UpstreamUnavailable(
                 f"The upstream {url.host} could not be reached: {type(exc).__name__}"
             ) from None
-        drop = hop_by_hop(resp.headers)
-        out = CIMultiDict((k, v) for k, v in resp.headers.items() if k.lower() not in drop)
+        finally:
+            timer.cancel()
         return Reply(
             status=resp.status,
             reason=resp.reason,
-            headers=out,
-            source=resp.content.iter_any(),
-            release=resp.release,
+            headers=end_to_end(resp.headers),
+            upstream=resp,
         )

@@ -7,7 +7,8 @@ Compressed answers are decoded from a copy; what the client receives is never to
 
 from __future__ import annotations
 
-import datetime as dt
+import asyncio
+import time
 import zlib
 from typing import IO, Any
 
@@ -15,7 +16,6 @@ import orjson
 import structlog
 
 from proxy.context import RequestContext
-from proxy.logs import usage_logger
 from proxy.upstream import DoneCallback, Outcome, Reply
 
 log = structlog.get_logger("thriftgate.usage")
@@ -27,8 +27,10 @@ SSE_TAIL = 64 * 1024  # the usage chunk is among the last events of a stream
 class _Decoder:
     """Incremental decoder of the Content-Encodings OpenAI uses (gzip, deflate)."""
 
-    def __init__(self, encoding: str | None) -> None:
-        enc = (encoding or "identity").strip().lower()
+    __slots__ = ("_obj", "_raw_deflate", "failed")
+
+    def __init__(self, encoding: str) -> None:
+        enc = encoding.strip().lower()
         self.failed = False
         self._raw_deflate = False
         self._obj: Any = None
@@ -59,18 +61,20 @@ class _Decoder:
 class UsageRecorder:
     """Observer of a reply's body that extracts the upstream's ``usage`` object."""
 
+    __slots__ = ("_buf", "_decoder", "_too_big", "json", "sse")
+
     def __init__(self, content_type: str | None, content_encoding: str | None) -> None:
         ctype = (content_type or "").lower()
         self.sse = ctype.startswith("text/event-stream")
-        self.json = "json" in ctype
-        self._decoder = _Decoder(content_encoding)
+        self.json = not self.sse and "json" in ctype
+        self._decoder = _Decoder(content_encoding) if content_encoding else None
         self._buf = bytearray()
         self._too_big = False
 
     def feed(self, chunk: bytes) -> None:
-        if not (self.sse or self.json) or self._too_big:
+        if self._too_big:
             return
-        data = self._decoder.feed(chunk)
+        data = self._decoder.feed(chunk) if self._decoder is not None else chunk
         if not data:
             return
         self._buf += data
@@ -82,7 +86,7 @@ class UsageRecorder:
             self._buf.clear()
 
     def usage(self) -> dict[str, Any] | None:
-        if self._decoder.failed or self._too_big or not self._buf:
+        if (self._decoder is not None and self._decoder.failed) or self._too_big or not self._buf:
             return None
         if self.json:
             try:
@@ -145,15 +149,32 @@ def token_fields(usage: dict[str, Any] | None) -> dict[str, int | None]:
 
 
 class UsageLog:
-    """Writes one JSON object per request. Writing never fails a request."""
+    """Writes one JSON object per request. Writing never fails, and never blocks, a request.
+
+    Lines produced during one turn of the event loop are joined and written together on the
+    next turn (one write call under load instead of one per request).
+    """
 
     def __init__(self, stream: IO[bytes] | None, *, enabled: bool = True) -> None:
         self.enabled = enabled and stream is not None
-        self._logger = usage_logger(stream) if stream is not None else None
+        self._stream = stream
+        self._pending: list[bytes] = []
+        self._scheduled = False
+        self._second = -1
+        self._second_text = ""
+        self._failed = False
+
+    def _ts(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
 
     def record(self, ctx: RequestContext) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        return {
+            "ts": self._ts(),
             "request_id": ctx.request_id,
             "upstream_request_id": ctx.upstream_request_id,
             "key": ctx.key,
@@ -172,7 +193,6 @@ class UsageLog:
             "error": ctx.error,
             **ctx.extra,
         }
-        return fields
 
     def watch(self, ctx: RequestContext, reply: Reply, delivered: DoneCallback) -> None:
         """Read the usage from ``reply``'s body as it passes; call ``delivered`` when it ended."""
@@ -190,9 +210,32 @@ class UsageLog:
         reply.on_done.append(done)
 
     def write(self, ctx: RequestContext) -> None:
-        if not self.enabled or self._logger is None:
+        if not self.enabled:
             return
         try:
-            self._logger.info("usage", **self.record(ctx))
+            self._pending.append(orjson.dumps(self.record(ctx), option=orjson.OPT_APPEND_NEWLINE))
         except Exception:
-            log.exception("usage_log_write_failed")
+            log.exception("usage_record_failed", request_id=ctx.request_id)
+            return
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop running: write now
+                self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending or self._stream is None:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except Exception as exc:
+            if not self._failed:  # one warning per failure run, not one per request
+                log.warning("usage_log_write_failed", error=repr(exc))
+            self._failed = True
+        else:
+            self._failed = False
