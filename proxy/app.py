@@ -18,9 +18,11 @@ from proxy.cache import CacheStage
 from proxy.config import Settings
 from proxy.context import RequestContextStage, context_of
 from proxy.errors import error_middleware
+from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimitStage
 from proxy.retry import RetryStage
-from proxy.types import SETTINGS
+from proxy.store import REDIS, redis_ctx
+from proxy.types import METRICS, SETTINGS
 from proxy.upstream import Upstream
 from proxy.usage import UsageLog
 
@@ -50,6 +52,11 @@ async def forward(request: web.Request) -> web.StreamResponse:
     return reply
 
 
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -57,12 +64,19 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     state = request.app[STATE]
+    guard = request.app[REDIS]
+    cache_backend = (
+        ("redis" if guard is not None and settings.cache.backend != "memory" else "memory")
+        if settings.cache.enabled
+        else "off"
+    )
     report = {
         "status": "shutting_down" if state.shutting_down else "ready",
         "version": __version__,
         "config_file": settings.config_file,
         "upstream": settings.upstream.url,
-        "redis": {"configured": settings.redis.url is not None, "status": "disabled"},
+        "redis": guard.status() if guard is not None else {"configured": False, "status": "off"},
+        "cache": cache_backend,
         "uptime_s": round(time.monotonic() - state.started, 3),
         "pid": os.getpid(),
     }
@@ -71,29 +85,36 @@ async def readyz(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, *, usage_stream: IO[bytes] | None = None) -> web.Application:
     """Build the proxy. ``usage_stream`` receives the usage log (default: the configured sink)."""
+    metrics = Metrics()
     usage_log = UsageLog(
         usage_stream if usage_stream is not None else _usage_sink(settings),
         enabled=settings.usage.enabled,
     )
+    cache = CacheStage(settings.cache, metrics, follower_wait_s=settings.upstream.total_timeout_s)
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[
             error_middleware,  # outermost: any exception becomes OpenAI's error envelope
             RequestContextStage(usage_log),  # request id, key fingerprint, parsed body, usage log
-            CacheStage(settings),
+            cache,  # exact-match answers, single-flight
             BudgetStage(settings),
             RateLimitStage(settings),
             RetryStage(settings),
         ],
     )
     app[SETTINGS] = settings
+    app[METRICS] = metrics
     app[STATE] = AppState(started=time.monotonic())
-    app.cleanup_ctx.append(_upstream_session)
     app[USAGE_LOG] = usage_log
-    app.on_cleanup.append(_flush_usage_log)
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(redis_ctx)
+    app.on_startup.append(cache.startup)  # after the cleanup contexts: Redis is open
     app.on_shutdown.append(_mark_shutting_down)
+    app.on_shutdown.append(cache.shutdown)
+    app.on_cleanup.append(_flush_usage_log)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_route("*", "/v1/{tail:.*}", forward)
     return app
 

@@ -1,24 +1,351 @@
-"""Exact-match response cache for the optimised endpoints.
+"""Exact-match response cache for the optimised endpoints, with single-flight.
 
-The stage holds its place in the chain with its final interface; until its own work lands it
-passes every request through unchanged.
+Key: SHA-256 over the endpoint path, the canonical JSON of the parsed body (keys sorted, no
+whitespace) and the scope (the API key's fingerprint plus organization and project, or "shared").
+Only complete 2xx answers are stored: a stream once its ``[DONE]`` went by, never a cut one. A hit
+returns the stored body bytes (decoded, so any client can read them) with the original answer's
+``content-type``, ``openai-*`` and ``x-request-id`` headers, ``x-thriftgate-cache: HIT`` and
+``age``. While a non-streaming request is in flight, identical ones wait for its answer.
 """
 
 from __future__ import annotations
 
-from aiohttp import web
+import asyncio
+import fnmatch
+import hashlib
+import struct
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from proxy.config import Settings
-from proxy.context import context_of
+import orjson
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.config import CacheSettings
+from proxy.context import RequestContext, context_of
+from proxy.errors import InvalidRequest
+from proxy.metrics import Metrics
+from proxy.store import REDIS, RedisGuard
 from proxy.types import Handler, Stage
+from proxy.upstream import Outcome, Reply
+from proxy.usage import Decoder
+
+log = structlog.get_logger("thriftgate.cache")
+
+CACHE_HEADER = "x-thriftgate-cache"
+TTL_HEADER = "x-thriftgate-cache-ttl"
+_MAGIC = b"TGC1"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    stored_at: float  # time.time()
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + sum(len(k) + len(v) for k, v in self.headers) + 64
+
+    def encode(self, compress_min: int) -> bytes:
+        meta = orjson.dumps({"s": self.status, "h": self.headers, "t": self.stored_at})
+        payload = struct.pack(">I", len(meta)) + meta + self.body
+        if len(payload) >= compress_min:
+            return _MAGIC + b"z" + zlib.compress(payload, 6)
+        return _MAGIC + b"-" + payload
+
+    @classmethod
+    def decode(cls, data: bytes) -> Entry:
+        if data[:4] != _MAGIC or data[4:5] not in (b"z", b"-"):
+            raise ValueError("not a thriftgate cache entry")
+        payload = zlib.decompress(data[5:]) if data[4:5] == b"z" else data[5:]
+        (n,) = struct.unpack(">I", payload[:4])
+        meta = orjson.loads(payload[4 : 4 + n])
+        headers = tuple((str(k), str(v)) for k, v in meta["h"])
+        return cls(int(meta["s"]), headers, payload[4 + n :], float(meta["t"]))
+
+
+def cache_key(endpoint: str, body: dict[str, Any], scope: str) -> str:
+    digest = hashlib.sha256(endpoint.encode())
+    digest.update(b"\n")
+    digest.update(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    digest.update(b"\n")
+    digest.update(scope.encode())
+    return digest.hexdigest()
+
+
+class Backend(Protocol):
+    name: str
+
+    async def get(self, key: str) -> Entry | None: ...
+
+    async def set(self, key: str, entry: Entry, ttl_s: float) -> None: ...
+
+
+class MemoryBackend:
+    """In-process LRU bounded by the total size of its entries, each with its own expiry."""
+
+    name = "memory"
+
+    def __init__(
+        self, max_bytes: int, metrics: Metrics, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+        self.clock = clock
+        self.bytes = 0
+        self._entries: OrderedDict[str, tuple[Entry, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def get(self, key: str) -> Entry | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        entry, expires = found
+        if expires <= self.clock():
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    async def set(self, key: str, entry: Entry, ttl_s: float) -> None:
+        size = entry.size
+        if size > self.max_bytes:
+            return
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = (entry, self.clock() + ttl_s)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            oldest = next(iter(self._entries))
+            self._drop(oldest)
+            self.metrics.cache["eviction"].inc()
+        self.metrics.cache_bytes.set(self.bytes)
+
+    def _drop(self, key: str) -> None:
+        entry, _ = self._entries.pop(key)
+        self.bytes -= entry.size
+
+
+class RedisBackend:
+    """Entries under ``<prefix><sha256 hex>`` with a Redis expiry; one key per entry, so it fits
+    Redis Cluster. Entries of ``compress_min`` bytes or more are stored zlib-compressed."""
+
+    name = "redis"
+
+    def __init__(self, guard: RedisGuard, prefix: str, compress_min: int) -> None:
+        self.guard = guard
+        self.prefix = prefix
+        self.compress_min = compress_min
+
+    async def get(self, key: str) -> Entry | None:
+        data = await self.guard.call("cache_get", lambda r: r.get(self.prefix + key), None)
+        if data is None:
+            return None
+        try:
+            return Entry.decode(data)
+        except (ValueError, KeyError, TypeError, zlib.error, struct.error):
+            log.warning("cache_entry_unreadable", key=key[:16])
+            return None
+
+    async def set(self, key: str, entry: Entry, ttl_s: float) -> None:
+        data = entry.encode(self.compress_min)
+        ttl_ms = max(1, int(ttl_s * 1000))
+        name = self.prefix + key
+        await self.guard.call("cache_set", lambda r: r.set(name, data, px=ttl_ms), None)
+
+
+def _replayed_header(name: str) -> bool:
+    lower = name.lower()
+    return lower == "content-type" or lower == "x-request-id" or lower.startswith("openai-")
+
+
+class _BodyRecorder:
+    """Keeps a decoded copy of an answer's body, up to a size limit."""
+
+    __slots__ = ("_buf", "_decoder", "_limit", "too_big")
+
+    def __init__(self, content_encoding: str | None, limit: int) -> None:
+        self._decoder = Decoder(content_encoding) if content_encoding else None
+        self._buf = bytearray()
+        self._limit = limit
+        self.too_big = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.too_big:
+            return
+        self._buf += self._decoder.feed(chunk) if self._decoder is not None else chunk
+        if len(self._buf) > self._limit:
+            self.too_big = True
+            self._buf = bytearray()
+
+    def body(self, *, stream: bool) -> bytes | None:
+        """The whole decoded body, or None if it cannot be stored (too big, undecodable, a
+        stream that did not end with ``[DONE]``)."""
+        if self.too_big or (self._decoder is not None and self._decoder.failed):
+            return None
+        if stream and not bytes(self._buf[-64:]).rstrip().endswith(b"data: [DONE]"):
+            return None
+        return bytes(self._buf)
 
 
 class CacheStage(Stage):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: CacheSettings, metrics: Metrics, *, follower_wait_s: float
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics
+        self.follower_wait_s = follower_wait_s
+        self.backend: Backend | None = None
+        self.flights: dict[str, asyncio.Future[Entry | None]] = {}
+        self._stores: set[asyncio.Task[None]] = set()
+
+    async def startup(self, app: web.Application) -> None:
+        """Pick the backend once Redis (if configured) is open."""
+        if not self.settings.enabled:
+            return
+        guard = app[REDIS]
+        if guard is not None and self.settings.backend in {"auto", "redis"}:
+            self.backend = RedisBackend(
+                guard, self.settings.redis_prefix, self.settings.compress_min_bytes
+            )
+        else:
+            self.backend = MemoryBackend(self.settings.max_bytes, self.metrics)
+
+    async def shutdown(self, app: web.Application) -> None:
+        """Let stores already under way finish (they are short: one Redis call each)."""
+        if self._stores:
+            await asyncio.gather(*self._stores, return_exceptions=True)
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
-        if ctx is None or not ctx.optimised:
+        if ctx is None or not ctx.optimised or self.backend is None or ctx.body is None:
             return await handler(request)
-        return await handler(request)
+        ttl = self._ttl(request)
+        control = request.headers.get("Cache-Control", "").lower()
+        if "no-store" in control or not self._eligible(ctx):
+            ctx.cache = "bypass"
+            self.metrics.cache["bypass"].inc()
+            resp = await handler(request)
+            resp.headers[CACHE_HEADER] = "BYPASS"
+            return resp
+
+        key = cache_key(ctx.endpoint, ctx.body, self._scope(ctx))
+        leader: asyncio.Future[Entry | None] | None = None
+        if "no-cache" not in control:
+            entry = await self.backend.get(key)
+            if entry is None and not ctx.stream:
+                flight = self.flights.get(key)
+                if flight is not None:
+                    entry = await self._follow(flight)
+                else:
+                    leader = asyncio.get_running_loop().create_future()
+                    self.flights[key] = leader
+            if entry is not None:
+                return self._hit(ctx, entry)
+
+        ctx.cache = "miss"
+        self.metrics.cache["miss"].inc()
+        try:
+            resp = await handler(request)
+        except BaseException:
+            self._land(key, leader, None)
+            raise
+        resp.headers[CACHE_HEADER] = "MISS"
+        if isinstance(resp, Reply) and 200 <= resp.status < 300 and ttl > 0:
+            self._record(resp, ctx, key, ttl, leader)
+        else:
+            self._land(key, leader, None)
+        return resp
+
+    # -- decisions -----------------------------------------------------------------------------
+    def _ttl(self, request: web.Request) -> float:
+        raw = request.headers.get(TTL_HEADER)
+        if raw is None:
+            return self.settings.ttl_s
+        try:
+            ttl = float(raw)
+        except ValueError:
+            ttl = -1.0
+        if not ttl >= 0 or ttl == float("inf"):
+            raise InvalidRequest(
+                f"{TTL_HEADER} must be a number of seconds (0 or more), not {raw!r}",
+                param=TTL_HEADER,
+                code="invalid_cache_ttl",
+            )
+        return ttl
+
+    def _eligible(self, ctx: RequestContext) -> bool:
+        model = ctx.model or ""
+        if any(fnmatch.fnmatchcase(model, pattern) for pattern in self.settings.exclude_models):
+            return False
+        if self.settings.only_temperature_zero and ctx.endpoint != "/v1/embeddings":
+            assert ctx.body is not None
+            return ctx.body.get("temperature") == 0
+        return True
+
+    def _scope(self, ctx: RequestContext) -> str:
+        if self.settings.scope == "shared":
+            return "shared"
+        return f"{ctx.key}|{ctx.organization or ''}|{ctx.project or ''}"
+
+    # -- hits, misses, single-flight ---------------------------------------------------------
+    async def _follow(self, flight: asyncio.Future[Entry | None]) -> Entry | None:
+        """Wait for the leader's answer; None if it failed (then this request goes on its own)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(flight), self.follower_wait_s)
+        except TimeoutError:
+            return None
+
+    def _hit(self, ctx: RequestContext, entry: Entry) -> Reply:
+        ctx.cache = "hit"
+        self.metrics.cache["hit"].inc()
+        headers = CIMultiDict(entry.headers)
+        headers[CACHE_HEADER] = "HIT"
+        headers["age"] = str(max(0, int(time.time() - entry.stored_at)))
+        return Reply(status=entry.status, reason=None, headers=headers, body=entry.body)
+
+    def _record(
+        self,
+        resp: Reply,
+        ctx: RequestContext,
+        key: str,
+        ttl: float,
+        leader: asyncio.Future[Entry | None] | None,
+    ) -> None:
+        recorder = _BodyRecorder(
+            resp.headers.get("Content-Encoding"), self.settings.max_entry_bytes
+        )
+        resp.observers.append(recorder.feed)
+        status = resp.status
+        headers = tuple((k, v) for k, v in resp.headers.items() if _replayed_header(k))
+
+        def done(outcome: Outcome) -> None:
+            body = recorder.body(stream=ctx.stream) if outcome.error is None else None
+            entry = Entry(status, headers, body, time.time()) if body is not None else None
+            self._land(key, leader, entry)
+            if entry is not None and self.backend is not None:
+                self.metrics.cache["store"].inc()
+                task = asyncio.ensure_future(self.backend.set(key, entry, ttl))
+                self._stores.add(task)
+                task.add_done_callback(self._stores.discard)
+
+        resp.on_done.append(done)
+
+    def _land(
+        self, key: str, leader: asyncio.Future[Entry | None] | None, entry: Entry | None
+    ) -> None:
+        if leader is None:
+            return
+        if self.flights.get(key) is leader:
+            del self.flights[key]
+        if not leader.done():
+            leader.set_result(entry)

@@ -50,6 +50,31 @@ class UsageSettings:
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
     url: str | None = field(default=None, repr=False)
+    timeout_s: float = 0.25  # one operation; past it the operation is skipped, never the request
+    retry_after_s: float = 1.0  # after a failure Redis is left alone this long, then tried again
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    enabled: bool = True
+    backend: str = "auto"  # auto (redis when a Redis URL is set, else memory) | memory | redis
+    ttl_s: float = 3600.0
+    scope: str = "key"  # key: per API key + organization + project | shared: across keys
+    max_bytes: int = 256 * 1024 * 1024  # memory backend: total size of the stored answers
+    max_entry_bytes: int = 8 * 1024 * 1024  # a larger answer is passed through, not stored
+    exclude_models: tuple[str, ...] = ()  # names or shell patterns ("gpt-4o-audio*")
+    only_temperature_zero: bool = False
+    redis_prefix: str = "thriftgate:cache:"
+    compress_min_bytes: int = 1024  # Redis values at least this large are stored zlib-compressed
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
+    "upstream": UpstreamSettings,
+    "usage": UsageSettings,
+    "redis": RedisSettings,
+    "cache": CacheSettings,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,15 +83,9 @@ class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
     config_file: str | None = None
 
-
-_SECTIONS: dict[str, type] = {
-    "server": ServerSettings,
-    "upstream": UpstreamSettings,
-    "usage": UsageSettings,
-    "redis": RedisSettings,
-}
 
 # (section, key) -> environment variables, first set one wins.
 ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
@@ -82,6 +101,14 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("upstream", "total_timeout_s"): ("THRIFTGATE_TOTAL_TIMEOUT_S",),
     ("usage", "log_path"): ("THRIFTGATE_USAGE_LOG",),
     ("redis", "url"): ("THRIFTGATE_REDIS_URL", "REDIS_URL"),
+    ("redis", "timeout_s"): ("THRIFTGATE_REDIS_TIMEOUT_S",),
+    ("cache", "enabled"): ("THRIFTGATE_CACHE",),
+    ("cache", "backend"): ("THRIFTGATE_CACHE_BACKEND",),
+    ("cache", "ttl_s"): ("THRIFTGATE_CACHE_TTL", "OPENAI_CACHE_TTL"),
+    ("cache", "scope"): ("THRIFTGATE_CACHE_SCOPE",),
+    ("cache", "max_bytes"): ("THRIFTGATE_CACHE_MAX_BYTES",),
+    ("cache", "exclude_models"): ("THRIFTGATE_CACHE_EXCLUDE_MODELS",),
+    ("cache", "only_temperature_zero"): ("THRIFTGATE_CACHE_ONLY_TEMPERATURE_ZERO",),
 }
 
 # command-line flag name -> (section, key)
@@ -108,6 +135,11 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"{where}: a value is required")
+    if typing.get_origin(annotation) is tuple:  # a list of strings: TOML array or "a,b,c"
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{where}: {value!r} is not a list of strings")
+        return tuple(i.strip() for i in items if i.strip())
     try:
         if annotation is bool:
             if isinstance(value, bool):
@@ -242,3 +274,16 @@ def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
         fail("upstream", "max_connections", "must not be negative")
     if s.redis.url is not None and URL(s.redis.url).scheme not in {"redis", "rediss", "unix"}:
         fail("redis", "url", "must be a redis://, rediss:// or unix:// URL")
+    for key in ("timeout_s", "retry_after_s"):
+        if getattr(s.redis, key) <= 0:
+            fail("redis", key, "must be positive")
+    if s.cache.backend not in {"auto", "memory", "redis"}:
+        fail("cache", "backend", f"{s.cache.backend!r} is not one of auto, memory, redis")
+    if s.cache.backend == "redis" and s.redis.url is None:
+        fail("cache", "backend", "redis needs a Redis URL (REDIS_URL or redis.url)")
+    if s.cache.scope not in {"key", "shared"}:
+        fail("cache", "scope", f"{s.cache.scope!r} is not one of key, shared")
+    if s.cache.ttl_s <= 0:
+        fail("cache", "ttl_s", "must be positive")
+    if s.cache.max_bytes < 1 or s.cache.max_entry_bytes < 1:
+        fail("cache", "max_bytes", "sizes must be positive")

@@ -9,10 +9,12 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from proxy.config import Settings
+    from proxy.metrics import Metrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 
 
 class Stage:

@@ -38,6 +38,8 @@ HOP_BY_HOP = frozenset(
 )
 # An answer of known length up to this size is read whole and sent in one write (not a stream).
 SMALL_BODY = 256 * 1024
+# thriftgate's own request headers: instructions to the proxy, not sent upstream.
+CONTROL_HEADERS = ("X-Thriftgate-Cache-Ttl",)
 # Headers aiohttp's client would otherwise add on its own: a transparent proxy adds nothing.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -244,7 +246,8 @@ class Upstream:
 
     def request_headers(self, request: web.BaseRequest, *, fixed_body: bool) -> CIMultiDict[str]:
         # with the body in hand, aiohttp sets Content-Length from the bytes, to the same value
-        headers = end_to_end(request.headers, "Host", *(("Content-Length",) if fixed_body else ()))
+        drop = ("Host", *CONTROL_HEADERS, *(("Content-Length",) if fixed_body else ()))
+        headers = end_to_end(request.headers, *drop)
         if self.settings.api_key:
             headers["Authorization"] = f"Bearer {self.settings.api_key}"
         return headers

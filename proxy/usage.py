@@ -24,7 +24,7 @@ JSON_LIMIT = 8 * 1024 * 1024  # a JSON answer larger than this is not inspected 
 SSE_TAIL = 64 * 1024  # the usage chunk is among the last events of a stream
 
 
-class _Decoder:
+class Decoder:
     """Incremental decoder of the Content-Encodings OpenAI uses (gzip, deflate)."""
 
     __slots__ = ("_obj", "_raw_deflate", "failed")
@@ -67,7 +67,7 @@ class UsageRecorder:
         ctype = (content_type or "").lower()
         self.sse = ctype.startswith("text/event-stream")
         self.json = not self.sse and "json" in ctype
-        self._decoder = _Decoder(content_encoding) if content_encoding else None
+        self._decoder = Decoder(content_encoding) if content_encoding else None
         self._buf = bytearray()
         self._too_big = False
 

@@ -80,9 +80,8 @@ async def test_unknown_paths_and_methods(proxy: Proxy) -> None:
 
 
 async def test_one_bad_request_does_not_disturb_others(proxy: Proxy, fake: FakeOpenAI) -> None:
-    good = {"model": "gpt-4o", "messages": [{"role": "user", "content": "ok"}]}
-
     async def send(i: int) -> int:
+        good = {"model": "gpt-4o", "messages": [{"role": "user", "content": f"ok {i}"}]}
         async with aiohttp.ClientSession() as s:
             if i % 2:
                 req = s.post(proxy.url + "/v1/chat/completions", data=b"{bad", headers=AUTH)
@@ -106,4 +105,5 @@ async def test_health_and_readiness(proxy: Proxy) -> None:
             report = await r.json()
     assert report["status"] == "ready"
     assert report["upstream"] == proxy.settings.upstream.url
-    assert report["redis"] == {"configured": False, "status": "disabled"}
+    assert report["redis"] == {"configured": False, "status": "off"}
+    assert report["cache"] == "memory"
