@@ -221,8 +221,11 @@ class CacheStage(Stage):
             self.backend = MemoryBackend(self.settings.max_bytes, self.metrics)
 
     async def shutdown(self, app: web.Application) -> None:
-        """Let stores already under way finish (they are short: one Redis call each)."""
-        if self._stores:
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Wait for the stores under way (short: one Redis call each)."""
+        while self._stores:
             await asyncio.gather(*self._stores, return_exceptions=True)
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -300,6 +303,7 @@ class CacheStage(Stage):
     # -- hits, misses, single-flight ---------------------------------------------------------
     async def _follow(self, flight: asyncio.Future[Entry | None]) -> Entry | None:
         """Wait for the leader's answer; None if it failed (then this request goes on its own)."""
+        self.metrics.cache["coalesced"].inc()
         try:
             return await asyncio.wait_for(asyncio.shield(flight), self.follower_wait_s)
         except TimeoutError:

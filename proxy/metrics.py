@@ -10,7 +10,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-CACHE_EVENTS = ("hit", "miss", "bypass", "store", "eviction")
+CACHE_EVENTS = ("hit", "miss", "bypass", "store", "eviction", "coalesced")
 
 
 class Metrics:
@@ -20,8 +20,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         events = Counter(
             "thriftgate_cache_events",
-            "Response cache events: hit, miss, bypass, store, eviction (backend failures: "
-            "thriftgate_redis_errors_total)",
+            "Response cache events: hit, miss, bypass, store, eviction, coalesced (a request "
+            "that waited for an identical one in flight); backend failures are "
+            "thriftgate_redis_errors_total",
             ["event"],
             registry=self.registry,
         )

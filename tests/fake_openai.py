@@ -86,6 +86,8 @@ class FakeOpenAI:
         self.sent: list[Sent] = []  # every answer, as the fake wrote it
         self.faults: deque[Fault] = deque()
         self.gate: asyncio.Event | None = None  # streams wait on it after their first chunk
+        self.hold: asyncio.Event | None = None  # JSON chat answers wait on it before answering
+        self.held = asyncio.Event()  # set once an answer waits on ``hold``
         self.first_chunk_sent = asyncio.Event()
         self.disconnected = asyncio.Event()  # a client went away mid-answer
         self.files: dict[str, bytes] = {}
@@ -241,6 +243,9 @@ class FakeOpenAI:
             "service_tier": "default",
             "system_fingerprint": "fp_fake0001",
         }
+        if self.hold is not None and not req.get("stream"):
+            self.held.set()
+            await self.hold.wait()
         if req.get("stream"):
             include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
             return await self._stream(request, base, pieces, usage if include_usage else None)
