@@ -215,11 +215,16 @@ def wrk(
 
 async def ttfb(base: str, n: int) -> list[float]:
     """Milliseconds to the first body byte of a streaming chat, n sequential requests."""
-    body = b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+    salt = time.time_ns()
     headers = {"Authorization": "Bearer sk-bench-key", "Content-Type": "application/json"}
     out = []
     async with aiohttp.ClientSession() as s:
         for i in range(n + 20):
+            body = (  # unique, so the cache never answers: this measures the pass-through
+                b'{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"'
+                + f"hi {salt} {i}".encode()
+                + b'"}]}'
+            )
             t0 = time.perf_counter()
             async with s.post(base + "/v1/chat/completions", data=body, headers=headers) as r:
                 await r.content.readany()
@@ -281,6 +286,43 @@ def main() -> int:
             runs["bare"].append(wrk(f"http://127.0.0.1:{bare}", d, c, bare_pid))
             runs["thriftgate"].append(wrk(f"http://127.0.0.1:{tg}", d, c, tg_pid))
             runs["thriftgate_2w"].append(wrk(f"http://127.0.0.1:{tg2}", d, c, tg2_pid))
+    # cache hits: the same body every time, memory and Redis backends, against the same bare
+    # forwarder's pass-through
+    hit_runs: dict[str, list[dict]] = {"bare": [], "hit_memory": [], "hit_redis": []}
+    rport, tgr = free_port(), free_port()
+    with (
+        static_upstream(up),
+        process(
+            [sys.executable, str(HERE / "bare_forwarder.py"), str(bare), upstream],
+            bare,
+            cpu=PROXY_CPU,
+        ) as bare_pid,
+        process(thriftgate(tg, upstream), tg, quiet, cpu=PROXY_CPU) as tg_pid,
+        process(
+            ["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"],
+            rport,
+            cpu=LOAD_CPU,
+        ),
+        process(
+            thriftgate(tgr, upstream),
+            tgr,
+            {**quiet, "REDIS_URL": f"redis://127.0.0.1:{rport}/0"},
+            cpu=PROXY_CPU,
+        ) as tgr_pid,
+    ):
+        same = "same_chat.lua"
+        for port in (bare, tg, tgr):
+            wrk(f"http://127.0.0.1:{port}", 1, c, script=same)
+        for _ in range(args.rounds):
+            hit_runs["bare"].append(wrk(f"http://127.0.0.1:{bare}", d, c, bare_pid, same))
+            hit_runs["hit_memory"].append(wrk(f"http://127.0.0.1:{tg}", d, c, tg_pid, same))
+            hit_runs["hit_redis"].append(wrk(f"http://127.0.0.1:{tgr}", d, c, tgr_pid, same))
+        one_conn = {
+            "bare": wrk(f"http://127.0.0.1:{bare}", d, 1, bare_pid, same),
+            "hit_memory": wrk(f"http://127.0.0.1:{tg}", d, 1, tg_pid, same),
+            "hit_redis": wrk(f"http://127.0.0.1:{tgr}", d, 1, tgr_pid, same),
+        }
+
     # streams: the Python upstream (it speaks SSE), the two proxies in front of it
     sse_upstream = f"http://127.0.0.1:{sse}/v1"
     with (
@@ -320,6 +362,19 @@ def main() -> int:
         "upstream share the other);\nthriftgate_2w: two workers, sharing both cores with the "
         "load generator and the upstream."
     )
+    hits = {name: median_run(r) for name, r in hit_runs.items()}
+    hit_ratio = {name: paired_ratio(hit_runs["bare"], r, "rps") for name, r in hit_runs.items()}
+    print(f"\ncache hits (the same chat body every time), {c} connections; bare = pass-through")
+    print(
+        f"{'':15}{'RPS':>8}{'p50 ms':>8}{'p99 ms':>8}{'CPU us/req':>12}{'RPS vs bare':>13}"
+        f"{'p50 ms @1 conn':>16}"
+    )
+    for name, r in hits.items():
+        print(
+            f"{name:15}{r['rps']:>8.0f}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}"
+            f"{r['cpu_us_per_request']:>12.0f}{hit_ratio[name]:>12.2f}x"
+            f"{one_conn[name]['p50_ms']:>16.3f}"
+        )
     med = statistics.median
     added_tg = med(tg_ttfb) - med(direct_ttfb)
     added_bare = med(bare_ttfb) - med(direct_ttfb)
@@ -338,6 +393,9 @@ def main() -> int:
         "results": results,
         "rps_ratio_vs_bare": rps_ratio,
         "requests_per_cpu_second_ratio_vs_bare": cpu_ratio,
+        "cache_hits": hits,
+        "cache_hit_rps_ratio_vs_bare": hit_ratio,
+        "cache_hit_p50_ms_one_connection": {k: v["p50_ms"] for k, v in one_conn.items()},
         "ttfb_p50_ms": {
             "direct": med(direct_ttfb),
             "bare": med(bare_ttfb),

@@ -33,7 +33,7 @@ from proxy.metrics import Metrics
 from proxy.store import REDIS, RedisGuard
 from proxy.types import Handler, Stage
 from proxy.upstream import Outcome, Reply
-from proxy.usage import Decoder
+from proxy.usage import Decoder, usage_of
 
 log = structlog.get_logger("thriftgate.cache")
 
@@ -48,13 +48,16 @@ class Entry:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     stored_at: float  # time.time()
+    usage: dict[str, Any] | None = None  # the original answer's usage, for the usage log
 
     @property
     def size(self) -> int:
         return len(self.body) + sum(len(k) + len(v) for k, v in self.headers) + 64
 
     def encode(self, compress_min: int) -> bytes:
-        meta = orjson.dumps({"s": self.status, "h": self.headers, "t": self.stored_at})
+        meta = orjson.dumps(
+            {"s": self.status, "h": self.headers, "t": self.stored_at, "u": self.usage}
+        )
         payload = struct.pack(">I", len(meta)) + meta + self.body
         if len(payload) >= compress_min:
             return _MAGIC + b"z" + zlib.compress(payload, 6)
@@ -68,7 +71,14 @@ class Entry:
         (n,) = struct.unpack(">I", payload[:4])
         meta = orjson.loads(payload[4 : 4 + n])
         headers = tuple((str(k), str(v)) for k, v in meta["h"])
-        return cls(int(meta["s"]), headers, payload[4 + n :], float(meta["t"]))
+        usage = meta.get("u")
+        return cls(
+            int(meta["s"]),
+            headers,
+            payload[4 + n :],
+            float(meta["t"]),
+            usage if isinstance(usage, dict) else None,
+        )
 
 
 def cache_key(endpoint: str, body: dict[str, Any], scope: str) -> str:
@@ -85,7 +95,11 @@ class Backend(Protocol):
 
     async def get(self, key: str) -> Entry | None: ...
 
-    async def set(self, key: str, entry: Entry, ttl_s: float) -> None: ...
+    def store(self, key: str, entry: Entry, ttl_s: float) -> None:
+        """Keep ``entry``: at once, or in the background (never holding up the answer)."""
+
+    async def drain(self) -> None:
+        """Wait for stores still under way."""
 
 
 class MemoryBackend:
@@ -116,7 +130,10 @@ class MemoryBackend:
         self._entries.move_to_end(key)
         return entry
 
-    async def set(self, key: str, entry: Entry, ttl_s: float) -> None:
+    async def drain(self) -> None:
+        return None
+
+    def store(self, key: str, entry: Entry, ttl_s: float) -> None:
         size = entry.size
         if size > self.max_bytes:
             return
@@ -127,8 +144,8 @@ class MemoryBackend:
         while self.bytes > self.max_bytes:
             oldest = next(iter(self._entries))
             self._drop(oldest)
-            self.metrics.cache["eviction"].inc()
-        self.metrics.cache_bytes.set(self.bytes)
+            self.metrics.cache["eviction"] += 1
+        self.metrics.cache_bytes = self.bytes
 
     def _drop(self, key: str) -> None:
         entry, _ = self._entries.pop(key)
@@ -145,6 +162,7 @@ class RedisBackend:
         self.guard = guard
         self.prefix = prefix
         self.compress_min = compress_min
+        self._pending: set[asyncio.Task[None]] = set()
 
     async def get(self, key: str) -> Entry | None:
         data = await self.guard.call("cache_get", lambda r: r.get(self.prefix + key), None)
@@ -156,45 +174,70 @@ class RedisBackend:
             log.warning("cache_entry_unreadable", key=key[:16])
             return None
 
-    async def set(self, key: str, entry: Entry, ttl_s: float) -> None:
+    def store(self, key: str, entry: Entry, ttl_s: float) -> None:
+        task = asyncio.ensure_future(self._set(key, entry, ttl_s))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def drain(self) -> None:
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+    async def _set(self, key: str, entry: Entry, ttl_s: float) -> None:
         data = entry.encode(self.compress_min)
         ttl_ms = max(1, int(ttl_s * 1000))
         name = self.prefix + key
         await self.guard.call("cache_set", lambda r: r.set(name, data, px=ttl_ms), None)
 
 
-def _replayed_header(name: str) -> bool:
-    lower = name.lower()
-    return lower == "content-type" or lower == "x-request-id" or lower.startswith("openai-")
+# Headers of the original answer that a hit replays (stale x-ratelimit-* and cookies are not).
+REPLAYED_HEADERS = (
+    "Content-Type",
+    "x-request-id",
+    "openai-organization",
+    "openai-project",
+    "openai-version",
+    "openai-processing-ms",
+    "openai-model",
+)
+
+
+def _replayed(headers: CIMultiDict[str]) -> tuple[tuple[str, str], ...]:
+    return tuple((name, v) for name in REPLAYED_HEADERS if (v := headers.get(name)) is not None)
 
 
 class _BodyRecorder:
     """Keeps a decoded copy of an answer's body, up to a size limit."""
 
-    __slots__ = ("_buf", "_decoder", "_limit", "too_big")
+    __slots__ = ("_chunks", "_decoder", "_limit", "_size", "too_big")
 
     def __init__(self, content_encoding: str | None, limit: int) -> None:
         self._decoder = Decoder(content_encoding) if content_encoding else None
-        self._buf = bytearray()
+        self._chunks: list[bytes] = []
+        self._size = 0
         self._limit = limit
         self.too_big = False
 
     def feed(self, chunk: bytes) -> None:
         if self.too_big:
             return
-        self._buf += self._decoder.feed(chunk) if self._decoder is not None else chunk
-        if len(self._buf) > self._limit:
+        data = self._decoder.feed(chunk) if self._decoder is not None else chunk
+        self._size += len(data)
+        if self._size > self._limit:
             self.too_big = True
-            self._buf = bytearray()
+            self._chunks.clear()
+        else:
+            self._chunks.append(data)
 
     def body(self, *, stream: bool) -> bytes | None:
         """The whole decoded body, or None if it cannot be stored (too big, undecodable, a
         stream that did not end with ``[DONE]``)."""
         if self.too_big or (self._decoder is not None and self._decoder.failed):
             return None
-        if stream and not bytes(self._buf[-64:]).rstrip().endswith(b"data: [DONE]"):
+        body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        if stream and not body[-64:].rstrip().endswith(b"data: [DONE]"):
             return None
-        return bytes(self._buf)
+        return body
 
 
 class CacheStage(Stage):
@@ -206,7 +249,6 @@ class CacheStage(Stage):
         self.follower_wait_s = follower_wait_s
         self.backend: Backend | None = None
         self.flights: dict[str, asyncio.Future[Entry | None]] = {}
-        self._stores: set[asyncio.Task[None]] = set()
 
     async def startup(self, app: web.Application) -> None:
         """Pick the backend once Redis (if configured) is open."""
@@ -225,8 +267,8 @@ class CacheStage(Stage):
 
     async def drain(self) -> None:
         """Wait for the stores under way (short: one Redis call each)."""
-        while self._stores:
-            await asyncio.gather(*self._stores, return_exceptions=True)
+        if self.backend is not None:
+            await self.backend.drain()
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
@@ -236,7 +278,7 @@ class CacheStage(Stage):
         control = request.headers.get("Cache-Control", "").lower()
         if "no-store" in control or not self._eligible(ctx):
             ctx.cache = "bypass"
-            self.metrics.cache["bypass"].inc()
+            self.metrics.cache["bypass"] += 1
             resp = await handler(request)
             resp.headers[CACHE_HEADER] = "BYPASS"
             return resp
@@ -256,7 +298,7 @@ class CacheStage(Stage):
                 return self._hit(ctx, entry)
 
         ctx.cache = "miss"
-        self.metrics.cache["miss"].inc()
+        self.metrics.cache["miss"] += 1
         try:
             resp = await handler(request)
         except BaseException:
@@ -303,19 +345,20 @@ class CacheStage(Stage):
     # -- hits, misses, single-flight ---------------------------------------------------------
     async def _follow(self, flight: asyncio.Future[Entry | None]) -> Entry | None:
         """Wait for the leader's answer; None if it failed (then this request goes on its own)."""
-        self.metrics.cache["coalesced"].inc()
+        self.metrics.cache["coalesced"] += 1
         try:
             return await asyncio.wait_for(asyncio.shield(flight), self.follower_wait_s)
         except TimeoutError:
             return None
 
-    def _hit(self, ctx: RequestContext, entry: Entry) -> Reply:
+    def _hit(self, ctx: RequestContext, entry: Entry) -> web.Response:
         ctx.cache = "hit"
-        self.metrics.cache["hit"].inc()
+        ctx.usage = entry.usage
+        self.metrics.cache["hit"] += 1
         headers = CIMultiDict(entry.headers)
         headers[CACHE_HEADER] = "HIT"
         headers["age"] = str(max(0, int(time.time() - entry.stored_at)))
-        return Reply(status=entry.status, reason=None, headers=headers, body=entry.body)
+        return web.Response(status=entry.status, body=entry.body, headers=headers)
 
     def _record(
         self,
@@ -329,18 +372,17 @@ class CacheStage(Stage):
             resp.headers.get("Content-Encoding"), self.settings.max_entry_bytes
         )
         resp.observers.append(recorder.feed)
-        status = resp.status
-        headers = tuple((k, v) for k, v in resp.headers.items() if _replayed_header(k))
 
         def done(outcome: Outcome) -> None:
             body = recorder.body(stream=ctx.stream) if outcome.error is None else None
-            entry = Entry(status, headers, body, time.time()) if body is not None else None
+            entry = None
+            if body is not None:
+                usage = usage_of(resp.headers.get("Content-Type"), body)
+                entry = Entry(resp.status, _replayed(resp.headers), body, time.time(), usage)
             self._land(key, leader, entry)
             if entry is not None and self.backend is not None:
-                self.metrics.cache["store"].inc()
-                task = asyncio.ensure_future(self.backend.set(key, entry, ttl))
-                self._stores.add(task)
-                task.add_done_callback(self._stores.discard)
+                self.metrics.cache["store"] += 1
+                self.backend.store(key, entry, ttl)
 
         resp.on_done.append(done)
 

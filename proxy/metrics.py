@@ -1,14 +1,16 @@
-"""Prometheus metrics: one registry per application (no process-wide state), on /metrics."""
+"""Prometheus metrics: one registry per application (no process-wide state), on /metrics.
+
+The request path only bumps plain integers (a dict increment, no lock); a collector turns them
+into Prometheus samples when /metrics is scraped.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    generate_latest,
-)
+from collections.abc import Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 CACHE_EVENTS = ("hit", "miss", "bypass", "store", "eviction", "coalesced")
 
@@ -17,33 +19,48 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
+        self.cache: dict[str, int] = dict.fromkeys(CACHE_EVENTS, 0)
+        self.cache_bytes = 0  # held by the in-process cache
+        self.redis_up: int | None = None  # None: no Redis configured
+        self.redis_errors: dict[str, int] = {}  # by operation
         self.registry = CollectorRegistry(auto_describe=True)
-        events = Counter(
+        self.registry.register(_Collector(self))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        events = CounterMetricFamily(
             "thriftgate_cache_events",
             "Response cache events: hit, miss, bypass, store, eviction, coalesced (a request "
             "that waited for an identical one in flight); backend failures are "
             "thriftgate_redis_errors_total",
-            ["event"],
-            registry=self.registry,
+            labels=["event"],
         )
-        # pre-bound children: a labelled lookup per request costs more than the increment
-        self.cache = {event: events.labels(event=event) for event in CACHE_EVENTS}
-        self.cache_bytes = Gauge(
+        for event, count in self.m.cache.items():
+            events.add_metric([event], count)
+        yield events
+        yield GaugeMetricFamily(
             "thriftgate_cache_memory_bytes",
             "Bytes held by the in-process cache",
-            registry=self.registry,
+            value=self.m.cache_bytes,
         )
-        self.redis_up = Gauge(
-            "thriftgate_redis_up",
-            "1 while Redis answers, 0 while thriftgate runs degraded without it",
-            registry=self.registry,
-        )
-        self.redis_errors = Counter(
+        if self.m.redis_up is not None:
+            yield GaugeMetricFamily(
+                "thriftgate_redis_up",
+                "1 while Redis answers, 0 while thriftgate runs degraded without it",
+                value=self.m.redis_up,
+            )
+        errors = CounterMetricFamily(
             "thriftgate_redis_errors",
             "Redis operations that failed or timed out (and were skipped)",
-            ["operation"],
-            registry=self.registry,
+            labels=["operation"],
         )
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+        for operation, count in self.m.redis_errors.items():
+            errors.add_metric([operation], count)
+        yield errors

@@ -57,7 +57,7 @@ class RedisGuard:
         self.down_since: float | None = None  # wall-clock time of the outage's first failure
         self._retry_at = 0.0
         self._last_error: str | None = None
-        metrics.redis_up.set(1)
+        metrics.redis_up = 1
 
     @property
     def up(self) -> bool:
@@ -89,16 +89,17 @@ class RedisGuard:
             log.info("redis_recovered", down_s=round(time.time() - self.down_since, 3))
             self.down_since = None
             self._last_error = None
-            self.metrics.redis_up.set(1)
+            self.metrics.redis_up = 1
         return result
 
     def _failed(self, operation: str, exc: BaseException) -> None:
-        self.metrics.redis_errors.labels(operation=operation).inc()
+        errors = self.metrics.redis_errors
+        errors[operation] = errors.get(operation, 0) + 1
         self._retry_at = self.clock() + self.retry_after_s
         self._last_error = f"{type(exc).__name__}: {exc}"[:200]
         if self.down_since is None:
             self.down_since = time.time()
-            self.metrics.redis_up.set(0)
+            self.metrics.redis_up = 0
             log.warning(
                 "redis_unavailable",
                 operation=operation,

@@ -180,7 +180,8 @@ class Reply(web.StreamResponse):
             return
         self._done = True
         self.release()
-        for callback in self.on_done:
+        callbacks, self.on_done, self.observers = self.on_done, [], []  # no cycles left behind
+        for callback in callbacks:
             try:
                 callback(outcome)
             except Exception:

@@ -100,6 +100,13 @@ class UsageRecorder:
         return _usage_from_sse(bytes(self._buf))
 
 
+def usage_of(content_type: str | None, body: bytes) -> dict[str, Any] | None:
+    """The ``usage`` object of a whole (decoded) answer body, JSON or SSE."""
+    recorder = UsageRecorder(content_type, None)
+    recorder.feed(body)
+    return recorder.usage()
+
+
 def _usage_from_sse(tail: bytes) -> dict[str, Any] | None:
     for line in reversed(tail.splitlines()):
         if not line.startswith(b"data:") or b'"usage"' not in line:

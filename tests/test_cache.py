@@ -341,10 +341,10 @@ def test_cache_key_canonical() -> None:
 async def test_memory_backend_lru_order() -> None:
     backend = MemoryBackend(max_bytes=300, metrics=Metrics())
     entries = {k: Entry(200, (), k.encode() * 40, 0.0) for k in "abc"}  # ~104 bytes each
-    await backend.set("a", entries["a"], 60)
-    await backend.set("b", entries["b"], 60)
+    backend.store("a", entries["a"], 60)
+    backend.store("b", entries["b"], 60)
     assert await backend.get("a") is not None  # a is now the most recent
-    await backend.set("c", entries["c"], 60)  # evicts b, the least recently used
+    backend.store("c", entries["c"], 60)  # evicts b, the least recently used
     assert await backend.get("b") is None
     assert await backend.get("a") == entries["a"]
     assert await backend.get("c") == entries["c"]

@@ -109,12 +109,11 @@ async def test_workers_share_the_port(tmp_path: Path, upstream: TestServer) -> N
     server = start(tmp_path, "--upstream", str(upstream.make_url("/v1")), "--workers", "2")
     try:
         await server.ready()
-        pids = set()
-        for _ in range(40):
-            async with aiohttp.ClientSession() as s, s.get(server.url + "/readyz") as r:
-                pids.add((await r.json())["pid"])
-            if len(pids) == 2:
-                break
+        pids: set[int] = set()
+        async with asyncio.timeout(20):  # new connections spread over both workers once both listen
+            while len(pids) < 2:
+                async with aiohttp.ClientSession() as s, s.get(server.url + "/readyz") as r:
+                    pids.add((await r.json())["pid"])
         assert len(pids) == 2
         assert server.proc.pid not in pids
         server.proc.send_signal(signal.SIGTERM)
