@@ -49,6 +49,7 @@ class Entry:
     body: bytes
     stored_at: float  # time.time()
     usage: dict[str, Any] | None = None  # the original answer's usage, for the usage log
+    expires_at: float = float("inf")  # time.time() past which it is not served
 
     @property
     def size(self) -> int:
@@ -56,7 +57,13 @@ class Entry:
 
     def encode(self, compress_min: int) -> bytes:
         meta = orjson.dumps(
-            {"s": self.status, "h": self.headers, "t": self.stored_at, "u": self.usage}
+            {
+                "s": self.status,
+                "h": self.headers,
+                "t": self.stored_at,
+                "u": self.usage,
+                "x": self.expires_at if self.expires_at != float("inf") else None,
+            }
         )
         payload = struct.pack(">I", len(meta)) + meta + self.body
         if len(payload) >= compress_min:
@@ -72,12 +79,14 @@ class Entry:
         meta = orjson.loads(payload[4 : 4 + n])
         headers = tuple((str(k), str(v)) for k, v in meta["h"])
         usage = meta.get("u")
+        expires = meta.get("x")
         return cls(
             int(meta["s"]),
             headers,
             payload[4 + n :],
             float(meta["t"]),
             usage if isinstance(usage, dict) else None,
+            float(expires) if expires is not None else float("inf"),
         )
 
 
@@ -135,7 +144,7 @@ class MemoryBackend:
 
     def store(self, key: str, entry: Entry, ttl_s: float) -> None:
         size = entry.size
-        if size > self.max_bytes:
+        if size > self.max_bytes or ttl_s <= 0:
             return
         if key in self._entries:
             self._drop(key)
@@ -154,27 +163,45 @@ class MemoryBackend:
 
 class RedisBackend:
     """Entries under ``<prefix><sha256 hex>`` with a Redis expiry; one key per entry, so it fits
-    Redis Cluster. Entries of ``compress_min`` bytes or more are stored zlib-compressed."""
+    Redis Cluster. Entries of ``compress_min`` bytes or more are stored zlib-compressed.
+
+    With ``local`` (an in-process LRU), the hottest answers are also kept in memory until their
+    own expiry: a hit on them needs no Redis round trip, and they keep being served while Redis
+    is down."""
 
     name = "redis"
 
-    def __init__(self, guard: RedisGuard, prefix: str, compress_min: int) -> None:
+    def __init__(
+        self,
+        guard: RedisGuard,
+        prefix: str,
+        compress_min: int,
+        local: MemoryBackend | None = None,
+    ) -> None:
         self.guard = guard
         self.prefix = prefix
         self.compress_min = compress_min
+        self.local = local
         self._pending: set[asyncio.Task[None]] = set()
 
     async def get(self, key: str) -> Entry | None:
+        if self.local is not None and (entry := await self.local.get(key)) is not None:
+            return entry
         data = await self.guard.call("cache_get", lambda r: r.get(self.prefix + key), None)
         if data is None:
             return None
         try:
-            return Entry.decode(data)
+            entry = Entry.decode(data)
         except (ValueError, KeyError, TypeError, zlib.error, struct.error):
             log.warning("cache_entry_unreadable", key=key[:16])
             return None
+        if self.local is not None:
+            self.local.store(key, entry, entry.expires_at - time.time())
+        return entry
 
     def store(self, key: str, entry: Entry, ttl_s: float) -> None:
+        if self.local is not None:
+            self.local.store(key, entry, ttl_s)
         task = asyncio.ensure_future(self._set(key, entry, ttl_s))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -256,8 +283,12 @@ class CacheStage(Stage):
             return
         guard = app[REDIS]
         if guard is not None and self.settings.backend in {"auto", "redis"}:
+            local_bytes = self.settings.local_max_bytes
             self.backend = RedisBackend(
-                guard, self.settings.redis_prefix, self.settings.compress_min_bytes
+                guard,
+                self.settings.redis_prefix,
+                self.settings.compress_min_bytes,
+                MemoryBackend(local_bytes, self.metrics) if local_bytes else None,
             )
         else:
             self.backend = MemoryBackend(self.settings.max_bytes, self.metrics)
@@ -378,7 +409,8 @@ class CacheStage(Stage):
             entry = None
             if body is not None:
                 usage = usage_of(resp.headers.get("Content-Type"), body)
-                entry = Entry(resp.status, _replayed(resp.headers), body, time.time(), usage)
+                now = time.time()
+                entry = Entry(resp.status, _replayed(resp.headers), body, now, usage, now + ttl)
             self._land(key, leader, entry)
             if entry is not None and self.backend is not None:
                 self.metrics.cache["store"] += 1

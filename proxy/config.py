@@ -62,6 +62,7 @@ class CacheSettings:
     scope: str = "key"  # key: per API key + organization + project | shared: across keys
     max_bytes: int = 256 * 1024 * 1024  # memory backend: total size of the stored answers
     max_entry_bytes: int = 8 * 1024 * 1024  # a larger answer is passed through, not stored
+    local_max_bytes: int = 64 * 1024 * 1024  # with Redis: in-process copy of hot answers (0: off)
     exclude_models: tuple[str, ...] = ()  # names or shell patterns ("gpt-4o-audio*")
     only_temperature_zero: bool = False
     redis_prefix: str = "thriftgate:cache:"
@@ -107,6 +108,7 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("cache", "ttl_s"): ("THRIFTGATE_CACHE_TTL", "OPENAI_CACHE_TTL"),
     ("cache", "scope"): ("THRIFTGATE_CACHE_SCOPE",),
     ("cache", "max_bytes"): ("THRIFTGATE_CACHE_MAX_BYTES",),
+    ("cache", "local_max_bytes"): ("THRIFTGATE_CACHE_LOCAL_MAX_BYTES",),
     ("cache", "exclude_models"): ("THRIFTGATE_CACHE_EXCLUDE_MODELS",),
     ("cache", "only_temperature_zero"): ("THRIFTGATE_CACHE_ONLY_TEMPERATURE_ZERO",),
 }
@@ -285,5 +287,7 @@ def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
         fail("cache", "scope", f"{s.cache.scope!r} is not one of key, shared")
     if s.cache.ttl_s <= 0:
         fail("cache", "ttl_s", "must be positive")
+    if s.cache.local_max_bytes < 0:
+        fail("cache", "local_max_bytes", "must not be negative")
     if s.cache.max_bytes < 1 or s.cache.max_entry_bytes < 1:
         fail("cache", "max_bytes", "sizes must be positive")

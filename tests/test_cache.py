@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,7 +14,7 @@ import redis.asyncio as aioredis
 from conftest import API_KEY, LogSink, MakeProxy, Proxy, RedisServer
 from fake_openai import FakeOpenAI, Fault
 
-from proxy.cache import CacheStage, Entry, MemoryBackend, cache_key
+from proxy.cache import CacheStage, Entry, MemoryBackend, RedisBackend, cache_key
 from proxy.metrics import Metrics
 from proxy.store import REDIS
 
@@ -407,22 +406,46 @@ async def test_redis_down_then_back(
     fresh = {**CHAT, "messages": [{"role": "user", "content": "after the outage"}]}
     assert (await post(proxy, fresh))[1]["x-thriftgate-cache"] == "MISS"
     await stored(proxy, 5)
+    assert len(await _redis_keys(redis_url)) == 1  # written to Redis again
     assert (await post(proxy, fresh))[1]["x-thriftgate-cache"] == "HIT"
     assert guard.up and metric(proxy, "thriftgate_redis_up") == 1
     assert _count(app_logs, "redis_recovered") >= 1
 
 
-async def test_redis_down_at_start_up_is_not_fatal(
-    make_proxy: MakeProxy, fake: FakeOpenAI, tmp_path: Path
-) -> None:
+async def test_redis_down_at_start_up_is_not_fatal(make_proxy: MakeProxy, fake: FakeOpenAI) -> None:
     from conftest import free_port
 
-    proxy = await make_proxy(env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    proxy = await make_proxy(env={"REDIS_URL": nowhere, "THRIFTGATE_CACHE_LOCAL_MAX_BYTES": "0"})
     for _ in range(2):
         status, headers, _ = await post(proxy, CHAT)
         assert status == 200 and headers["x-thriftgate-cache"] == "MISS"
     async with aiohttp.ClientSession() as s, s.get(proxy.url + "/readyz") as r:
         assert (await r.json())["redis"]["status"] == "degraded"
+    # with the in-process copy (the default), hot answers keep being served without Redis
+    local = await make_proxy(env={"REDIS_URL": nowhere})
+    assert (await post(local, CHAT))[1]["x-thriftgate-cache"] == "MISS"
+    assert (await post(local, CHAT))[1]["x-thriftgate-cache"] == "HIT"
+    assert fake.calls("/v1/chat/completions") == 3
+
+
+async def test_local_copy_in_front_of_redis_keeps_the_entry_expiry(
+    make_proxy: MakeProxy, fake: FakeOpenAI, redis_url: str
+) -> None:
+    one = await make_proxy(env={"REDIS_URL": redis_url})
+    two = await make_proxy(env={"REDIS_URL": redis_url})
+    await post(one, CHAT, {"x-thriftgate-cache-ttl": "100"})
+    await stored(one, 1)
+    assert (await post(two, CHAT))[1]["x-thriftgate-cache"] == "HIT"  # from Redis...
+    backend = stage_of(two).backend
+    assert isinstance(backend, RedisBackend) and backend.local is not None
+    entry = await backend.local.get(next(iter(backend.local._entries)))  # ...now kept locally
+    assert entry is not None and entry.expires_at - entry.stored_at == pytest.approx(100)
+    now = [entry.expires_at - 1]
+    backend.local.clock = lambda: now[0]
+    assert (await post(two, CHAT))[1]["x-thriftgate-cache"] == "HIT"
+    now[0] += 2  # past the answer's own expiry, the local copy is not served
+    assert await backend.local.get(next(iter(backend.local._entries), "")) is None
 
 
 async def _redis_keys(url: str) -> list[bytes]:
