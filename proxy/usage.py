@@ -193,6 +193,8 @@ class UsageLog:
             "cache": ctx.cache,
             **token_fields(ctx.usage),
             "tokens_source": "upstream" if ctx.usage else None,
+            "cost_usd": None,  # filled in once pricing lands
+            "saved_usd": None,
             "latency_ms": ctx.latency_ms,
             "ttft_ms": ctx.ttft_ms,
             "upstream_ms": ctx.upstream_ms,
