@@ -267,6 +267,17 @@ class _BodyRecorder:
         return body
 
 
+def _decoded(body: bytes | None, encoding: str | None, limit: int) -> bytes | None:
+    if body is None:
+        return None
+    if encoding:
+        decoder = Decoder(encoding)
+        body = decoder.feed(body)
+        if decoder.failed:
+            return None
+    return body if len(body) <= limit else None
+
+
 class CacheStage(Stage):
     def __init__(
         self, settings: CacheSettings, metrics: Metrics, *, follower_wait_s: float
@@ -399,18 +410,25 @@ class CacheStage(Stage):
         ttl: float,
         leader: asyncio.Future[Entry | None] | None,
     ) -> None:
-        recorder = _BodyRecorder(
-            resp.headers.get("Content-Encoding"), self.settings.max_entry_bytes
-        )
-        resp.observers.append(recorder.feed)
+        encoding = resp.headers.get("Content-Encoding")
+        recorder: _BodyRecorder | None = None
+        if not resp.whole:  # a streamed body is recorded as it passes
+            recorder = _BodyRecorder(encoding, self.settings.max_entry_bytes)
+            resp.observers.append(recorder.feed)
 
         def done(outcome: Outcome) -> None:
-            body = recorder.body(stream=ctx.stream) if outcome.error is None else None
+            body = None
+            if outcome.error is None:
+                if recorder is not None:
+                    body = recorder.body(stream=ctx.stream)
+                else:
+                    body = _decoded(resp.body_bytes, encoding, self.settings.max_entry_bytes)
             entry = None
             if body is not None:
-                usage = usage_of(resp.headers.get("Content-Type"), body)
+                # the usage log reads it from here too, instead of parsing the body again
+                ctx.usage = usage_of(resp.headers.get("Content-Type"), body)
                 now = time.time()
-                entry = Entry(resp.status, _replayed(resp.headers), body, now, usage, now + ttl)
+                entry = Entry(resp.status, _replayed(resp.headers), body, now, ctx.usage, now + ttl)
             self._land(key, leader, entry)
             if entry is not None and self.backend is not None:
                 self.metrics.cache["store"] += 1

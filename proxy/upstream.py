@@ -107,6 +107,16 @@ class Reply(web.StreamResponse):
             # the headers go out with the body, in one write, as aiohttp's own Response does
             self._send_headers_immediately = False
 
+    @property
+    def whole(self) -> bool:
+        """The body is taken whole before it is sent (a fixed body, or a small known length)."""
+        return self._read_whole or (self._fixed is not None and self._upstream is None)
+
+    @property
+    def body_bytes(self) -> bytes | None:
+        """The whole body, once taken (see ``whole``); None for a streamed body."""
+        return self._fixed
+
     async def read(self) -> bytes:
         """Take the whole body from the upstream now (before anything is sent) and keep it."""
         if self._fixed is None:

@@ -208,11 +208,13 @@ class UsageLog:
         recorder = UsageRecorder(
             reply.headers.get("Content-Type"), reply.headers.get("Content-Encoding")
         )
-        if recorder.sse or recorder.json:
-            reply.observers.append(recorder.feed)
+        if (recorder.sse or recorder.json) and not reply.whole:
+            reply.observers.append(recorder.feed)  # a streamed body is read as it passes
 
         def done(outcome: Outcome) -> None:
             if outcome.error is None and ctx.usage is None:
+                if reply.whole and reply.body_bytes and (recorder.sse or recorder.json):
+                    recorder.feed(reply.body_bytes)
                 ctx.usage = recorder.usage()
             delivered(outcome)
 
