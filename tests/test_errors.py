@@ -107,3 +107,33 @@ async def test_health_and_readiness(proxy: Proxy) -> None:
     assert report["upstream"] == proxy.settings.upstream.url
     assert report["redis"] == {"configured": False, "status": "off"}
     assert report["cache"] == "memory"
+
+
+async def test_readyz_is_503_once_shutdown_began(proxy: Proxy) -> None:
+    await proxy.app.shutdown()  # what SIGTERM runs first (the listener is already closed then)
+    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/readyz") as r:
+        assert r.status == 503
+        assert (await r.json())["status"] == "shutting_down"
+    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/healthz") as r:
+        assert r.status == 200  # still serving in-flight work
+
+
+async def test_total_timeout_ends_a_stuck_stream_with_an_error(
+    make_proxy: MakeProxy, fake: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(env={"THRIFTGATE_TOTAL_TIMEOUT_S": "0.5"})
+    fake.gate = asyncio.Event()  # the upstream sends one chunk and then nothing, for ever
+    body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(proxy.url + "/v1/chat/completions", json=body, headers=AUTH) as r,
+        ):
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async with asyncio.timeout(10):
+                    await r.read()
+    finally:
+        fake.gate.set()
+    record = (await proxy.usage.wait(1))[-1]
+    assert record["error"] == "upstream_timeout"
