@@ -18,9 +18,11 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 
 
 class Stage:
-    """Base of the configurable middlewares: config in ``__init__``, work in ``__call__``."""
+    """Base of the configurable middlewares: config in ``__init__``, work in ``__call__``.
+
+    The base passes every request through unchanged."""
 
     __middleware_version__ = 1  # aiohttp's marker for new-style middlewares
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        raise NotImplementedError
+        return await handler(request)
