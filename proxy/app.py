@@ -86,9 +86,10 @@ async def readyz(request: web.Request) -> web.Response:
 def create_app(settings: Settings, *, usage_stream: IO[bytes] | None = None) -> web.Application:
     """Build the proxy. ``usage_stream`` receives the usage log (default: the configured sink)."""
     metrics = Metrics()
-    usage_log = UsageLog(
-        usage_stream if usage_stream is not None else _usage_sink(settings),
-        enabled=settings.usage.enabled,
+    usage_log = (
+        UsageLog(usage_stream, enabled=settings.usage.enabled)
+        if usage_stream is not None
+        else UsageLog(_usage_sink(settings), enabled=settings.usage.enabled, owns_stream=True)
     )
     cache = CacheStage(settings.cache, metrics, follower_wait_s=settings.upstream.total_timeout_s)
     app = web.Application(
@@ -120,9 +121,10 @@ def create_app(settings: Settings, *, usage_stream: IO[bytes] | None = None) -> 
 
 
 def _usage_sink(settings: Settings) -> IO[bytes]:
+    """Unbuffered, so each write is one system call (whole lines; see ``usage.PIPE_BUF``)."""
     if settings.usage.log_path:
         return open(settings.usage.log_path, "ab", buffering=0)
-    return sys.stdout.buffer
+    return open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -135,7 +137,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _flush_usage_log(app: web.Application) -> None:
-    app[USAGE_LOG].flush()
+    app[USAGE_LOG].close()
 
 
 async def _mark_shutting_down(app: web.Application) -> None:

@@ -396,6 +396,7 @@ class CacheStage(Stage):
     def _hit(self, ctx: RequestContext, entry: Entry) -> web.Response:
         ctx.cache = "hit"
         ctx.usage = entry.usage
+        ctx.upstream_request_id = dict(entry.headers).get("x-request-id")
         self.metrics.cache["hit"] += 1
         headers = CIMultiDict(entry.headers)
         headers[CACHE_HEADER] = "HIT"

@@ -155,6 +155,26 @@ def token_fields(usage: dict[str, Any] | None) -> dict[str, int | None]:
     }
 
 
+PIPE_BUF = 4096  # POSIX: a write of at most this many bytes to a pipe is never interleaved
+
+
+def _atomic_chunks(lines: list[bytes]) -> list[bytes]:
+    """Whole lines joined into writes of at most PIPE_BUF bytes, so that workers sharing one
+    stdout pipe never interleave inside a line (a longer line goes alone)."""
+    chunks: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for line in lines:
+        if current and size + len(line) > PIPE_BUF:
+            chunks.append(b"".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    if current:
+        chunks.append(b"".join(current))
+    return chunks
+
+
 class UsageLog:
     """Writes one JSON object per request. Writing never fails, and never blocks, a request.
 
@@ -162,9 +182,12 @@ class UsageLog:
     next turn (one write call under load instead of one per request).
     """
 
-    def __init__(self, stream: IO[bytes] | None, *, enabled: bool = True) -> None:
+    def __init__(
+        self, stream: IO[bytes] | None, *, enabled: bool = True, owns_stream: bool = False
+    ) -> None:
         self.enabled = enabled and stream is not None
         self._stream = stream
+        self._owns_stream = owns_stream
         self._pending: list[bytes] = []
         self._scheduled = False
         self._second = -1
@@ -235,14 +258,21 @@ class UsageLog:
             except RuntimeError:  # no loop running: write now
                 self.flush()
 
+    def close(self) -> None:
+        """Write what is pending; close the stream if this log opened it."""
+        self.flush()
+        if self._owns_stream and self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
     def flush(self) -> None:
         self._scheduled = False
         if not self._pending or self._stream is None:
             return
-        data = b"".join(self._pending)
-        self._pending.clear()
+        lines, self._pending = self._pending, []
         try:
-            self._stream.write(data)
+            for chunk in _atomic_chunks(lines):
+                self._stream.write(chunk)
             self._stream.flush()
         except Exception as exc:
             if not self._failed:  # one warning per failure run, not one per request

@@ -46,10 +46,10 @@ class Served:
 def start(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Served:
     port = free_port()
     log = tmp_path / f"serve-{port}.log"
-    with log.open("wb") as err:
+    with log.open("wb") as err, log.with_suffix(".usage").open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", "--port", str(port), *args],
-            stdout=subprocess.DEVNULL,
+            stdout=out,
             stderr=err,
             env={**os.environ, **(env or {})},
         )
@@ -76,6 +76,11 @@ async def test_serve_proxies_for_the_sdk(served: Served, fake: FakeOpenAI) -> No
     assert await served.wait() == 0
     lines = [orjson.loads(x) for x in served.log.read_text().splitlines() if x.startswith("{")]
     assert {"listening", "stopped"} <= {line.get("event") for line in lines}
+    # the usage log went to stdout, apart from the operational log on stderr
+    usage = [orjson.loads(x) for x in served.log.with_suffix(".usage").read_bytes().splitlines()]
+    assert [u["endpoint"] for u in usage] == ["/v1/chat/completions"]
+    assert usage[0]["total_tokens"] == completion.usage.total_tokens  # type: ignore[union-attr]
+    assert all(line.get("event") != "usage" for line in lines)
 
 
 async def test_sigterm_lets_inflight_stream_finish(served: Served, fake: FakeOpenAI) -> None:

@@ -111,3 +111,14 @@ def test_recorder_handles_responses_api_and_garbage() -> None:
     sse.feed(b'event: response.completed\ndata: {"type":"response.completed","response":')
     sse.feed(b'{"usage":{"input_tokens":1,"output_tokens":2}}}\n\n')
     assert sse.usage() == {"input_tokens": 1, "output_tokens": 2}
+
+
+def test_usage_lines_are_written_in_pipe_atomic_chunks() -> None:
+    from proxy.usage import PIPE_BUF, _atomic_chunks
+
+    lines = [b"x" * 1000 + b"\n" for _ in range(10)] + [b"y" * 5000 + b"\n", b"z\n"]
+    chunks = _atomic_chunks(lines)
+    assert b"".join(chunks) == b"".join(lines)
+    assert all(len(c) <= PIPE_BUF or c.count(b"\n") == 1 for c in chunks)
+    assert all(c.endswith(b"\n") for c in chunks)
+    assert len(chunks) == 5  # 4+4+2 lines of 1001 bytes, the long line alone, then "z"
