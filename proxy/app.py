@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ from proxy.context import RequestContextStage, context_of
 from proxy.errors import error_middleware
 from proxy.metrics import Metrics
 from proxy.ratelimit import RateLimitStage
-from proxy.retry import RetryStage
+from proxy.retry import RetryStage, Sleep
 from proxy.store import REDIS, redis_ctx
 from proxy.types import METRICS, SETTINGS
 from proxy.upstream import Upstream
@@ -83,8 +84,14 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(report, status=503 if state.shutting_down else 200)
 
 
-def create_app(settings: Settings, *, usage_stream: IO[bytes] | None = None) -> web.Application:
-    """Build the proxy. ``usage_stream`` receives the usage log (default: the configured sink)."""
+def create_app(
+    settings: Settings,
+    *,
+    usage_stream: IO[bytes] | None = None,
+    retry_sleep: Sleep = asyncio.sleep,
+) -> web.Application:
+    """Build the proxy. ``usage_stream`` receives the usage log (default: the configured sink);
+    ``retry_sleep`` waits between retries (tests pass one that only records)."""
     metrics = Metrics()
     usage_log = (
         UsageLog(usage_stream, enabled=settings.usage.enabled)
@@ -100,7 +107,7 @@ def create_app(settings: Settings, *, usage_stream: IO[bytes] | None = None) -> 
             cache,  # exact-match answers, single-flight
             BudgetStage(settings),
             RateLimitStage(settings),
-            RetryStage(settings),
+            RetryStage(settings.retry, metrics, sleep=retry_sleep),
         ],
     )
     app[SETTINGS] = settings

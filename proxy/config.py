@@ -69,12 +69,24 @@ class CacheSettings:
     compress_min_bytes: int = 1024  # Redis values at least this large are stored zlib-compressed
 
 
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    enabled: bool = True
+    max_attempts: int = 3  # per request: x-thriftgate-max-retries (retries, so attempts - 1)
+    initial_wait_s: float = 0.5  # full jitter: a random wait up to initial * 2^(n-1)...
+    max_wait_s: float = 8.0  # ...and never more than this
+    retry_after_cap_s: float = 30.0  # the upstream's retry-after is honoured up to this
+    deadline_s: float = 300.0  # no retry starts (or waits) past this, counted from the first try
+    tell_client_not_to_retry: bool = True  # x-should-retry: false on a final failure
+
+
 _SECTIONS: dict[str, type] = {
     "server": ServerSettings,
     "upstream": UpstreamSettings,
     "usage": UsageSettings,
     "redis": RedisSettings,
     "cache": CacheSettings,
+    "retry": RetrySettings,
 }
 
 
@@ -85,6 +97,7 @@ class Settings:
     usage: UsageSettings = field(default_factory=UsageSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    retry: RetrySettings = field(default_factory=RetrySettings)
     config_file: str | None = None
 
 
@@ -111,6 +124,9 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("cache", "local_max_bytes"): ("THRIFTGATE_CACHE_LOCAL_MAX_BYTES",),
     ("cache", "exclude_models"): ("THRIFTGATE_CACHE_EXCLUDE_MODELS",),
     ("cache", "only_temperature_zero"): ("THRIFTGATE_CACHE_ONLY_TEMPERATURE_ZERO",),
+    ("retry", "enabled"): ("THRIFTGATE_RETRY",),
+    ("retry", "max_attempts"): ("THRIFTGATE_RETRY_MAX_ATTEMPTS",),
+    ("retry", "deadline_s"): ("THRIFTGATE_RETRY_DEADLINE_S",),
 }
 
 # command-line flag name -> (section, key)
@@ -287,6 +303,11 @@ def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
         fail("cache", "scope", f"{s.cache.scope!r} is not one of key, shared")
     if s.cache.ttl_s <= 0:
         fail("cache", "ttl_s", "must be positive")
+    if s.retry.max_attempts < 1:
+        fail("retry", "max_attempts", "must be at least 1")
+    for key in ("initial_wait_s", "max_wait_s", "retry_after_cap_s", "deadline_s"):
+        if getattr(s.retry, key) < 0:
+            fail("retry", key, "must not be negative")
     if s.cache.local_max_bytes < 0:
         fail("cache", "local_max_bytes", "must not be negative")
     if s.cache.max_bytes < 1 or s.cache.max_entry_bytes < 1:

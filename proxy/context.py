@@ -67,6 +67,7 @@ class RequestContext:
     status: int | None = None
     cache: str | None = None
     attempts: int = 1
+    retry_wait_ms: float = 0.0
     upstream_request_id: str | None = None
     usage: dict[str, Any] | None = None
     error: str | None = None

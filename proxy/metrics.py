@@ -23,6 +23,7 @@ class Metrics:
         self.cache_bytes = 0  # held by the in-process cache
         self.redis_up: int | None = None  # None: no Redis configured
         self.redis_errors: dict[str, int] = {}  # by operation
+        self.retries: dict[str, int] = {}  # by reason: status_503, connection, timeout
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
 
@@ -64,3 +65,11 @@ class _Collector(Collector):
         for operation, count in self.m.redis_errors.items():
             errors.add_metric([operation], count)
         yield errors
+        retries = CounterMetricFamily(
+            "thriftgate_retries",
+            "Upstream attempts retried, by reason (status_NNN, connection, timeout)",
+            labels=["reason"],
+        )
+        for reason, count in self.m.retries.items():
+            retries.add_metric([reason], count)
+        yield retries

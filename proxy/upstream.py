@@ -39,7 +39,7 @@ HOP_BY_HOP = frozenset(
 # An answer of known length up to this size is read whole and sent in one write (not a stream).
 SMALL_BODY = 256 * 1024
 # thriftgate's own request headers: instructions to the proxy, not sent upstream.
-CONTROL_HEADERS = ("X-Thriftgate-Cache-Ttl",)
+CONTROL_HEADERS = ("X-Thriftgate-Cache-Ttl", "X-Thriftgate-Max-Retries")
 # Headers aiohttp's client would otherwise add on its own: a transparent proxy adds nothing.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 

@@ -222,6 +222,7 @@ class UsageLog:
             "ttft_ms": ctx.ttft_ms,
             "upstream_ms": ctx.upstream_ms,
             "attempts": ctx.attempts,
+            "retry_wait_ms": ctx.retry_wait_ms,
             "error": ctx.error,
             **ctx.extra,
         }

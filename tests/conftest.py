@@ -60,6 +60,7 @@ class Proxy:
     app: web.Application
     settings: Settings
     usage: UsageSink
+    waits: list[float]  # the retry stage's sleeps: recorded, never slept
 
     @property
     def url(self) -> str:
@@ -103,13 +104,24 @@ MakeProxy = Callable[..., Awaitable[Proxy]]
 
 @pytest.fixture
 async def make_proxy(upstream: TestServer, aiohttp_server: Any) -> MakeProxy:
-    async def make(env: dict[str, str] | None = None, **flags: Any) -> Proxy:
+    async def make(
+        env: dict[str, str] | None = None,
+        retry_sleep: Callable[[float], Awaitable[None]] | None = None,
+        **flags: Any,
+    ) -> Proxy:
         environ = {"THRIFTGATE_UPSTREAM_URL": str(upstream.make_url("/v1")), **(env or {})}
         settings = load_settings(flags, env=environ)
         sink = UsageSink()
-        app = create_app(settings, usage_stream=sink)
+        waits: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            if retry_sleep is not None:
+                await retry_sleep(seconds)
+
+        app = create_app(settings, usage_stream=sink, retry_sleep=sleep)
         server = await aiohttp_server(app)
-        return Proxy(server, app, settings, sink)
+        return Proxy(server, app, settings, sink, waits)
 
     return make
 

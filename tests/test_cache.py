@@ -21,6 +21,7 @@ from proxy.store import REDIS
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 BARE = ("Accept-Encoding", "User-Agent", "Accept")
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "cache me"}]}
+NO_RETRY = {"x-thriftgate-max-retries": "0"}
 
 
 async def coalesced(proxy: Proxy, n: int) -> None:
@@ -150,7 +151,7 @@ async def test_cached_stream_replays_identically_to_the_sdk(proxy: Proxy, fake: 
 )
 async def test_failed_answers_are_not_stored(proxy: Proxy, fake: FakeOpenAI, fault: Fault) -> None:
     fake.fail_next(fault)
-    status, headers, _ = await post(proxy, CHAT)
+    status, headers, _ = await post(proxy, CHAT, NO_RETRY)
     assert status >= 400
     status, headers, _ = await post(proxy, CHAT)
     assert status == 200 and headers["x-thriftgate-cache"] == "MISS"
@@ -244,7 +245,7 @@ async def test_followers_go_on_their_own_when_the_leader_fails(
 ) -> None:
     fake.hold = asyncio.Event()
     fake.fail_next(Fault(status=500))  # the leader's upstream call fails
-    tasks = [asyncio.create_task(post(proxy, CHAT)) for _ in range(5)]
+    tasks = [asyncio.create_task(post(proxy, CHAT, NO_RETRY)) for _ in range(5)]
     try:
         await asyncio.wait_for(fake.held.wait(), 5)
         await coalesced(proxy, 4)

@@ -110,12 +110,16 @@ async def test_models_list(proxy: Proxy) -> None:
 async def test_upstream_error_becomes_the_right_sdk_exception(
     proxy: Proxy, fake: FakeOpenAI
 ) -> None:
-    fake.fail_next(Fault(status=429, code="rate_limit_exceeded"))
+    # the proxy retries a rate limit twice; the third answer goes to the SDK, told not to retry
+    fake.fail_next(*[Fault(status=429, code="rate_limit_exceeded")] * 3)
     async with async_client(proxy) as client:
         with pytest.raises(openai.RateLimitError) as caught:
             await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert caught.value.code == "rate_limit_exceeded"
     assert caught.value.request_id == fake.sent[-1].headers["x-request-id"]
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert caught.value.response.headers["x-thriftgate-attempts"] == "3"
+    assert fake.calls("/v1/chat/completions") == 3
     with pytest.raises(openai.NotFoundError):
         async with async_client(proxy) as client:
             await client.models.retrieve("does-not-exist")

@@ -266,7 +266,8 @@ async def test_upstream_unreachable_is_502(make_proxy: MakeProxy) -> None:
 async def test_upstream_timeout_is_504(make_proxy: MakeProxy, fake: FakeOpenAI) -> None:
     proxy = await make_proxy(env={"THRIFTGATE_FIRST_BYTE_TIMEOUT_S": "0.2"})
     fake.fail_next(Fault(delay=5))
-    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/v1/models", headers=AUTH) as r:
+    no_retry = {**AUTH, "x-thriftgate-max-retries": "0"}
+    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/v1/models", headers=no_retry) as r:
         assert r.status == 504
         assert (await r.json())["error"]["code"] == "upstream_timeout"
 
@@ -278,7 +279,11 @@ async def test_upstream_errors_pass_through_unchanged(proxy: Proxy, fake: FakeOp
     fake.fail_next(Fault(status=429, body=body, headers={"retry-after": "7"}))
     async with (
         aiohttp.ClientSession() as s,
-        s.post(proxy.url + "/v1/embeddings", json={"model": "m", "input": "x"}, headers=AUTH) as r,
+        s.post(
+            proxy.url + "/v1/embeddings",
+            json={"model": "m", "input": "x"},
+            headers={**AUTH, "x-thriftgate-max-retries": "0"},
+        ) as r,
     ):
         assert r.status == 429
         assert await r.read() == body
