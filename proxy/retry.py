@@ -92,26 +92,50 @@ class RetryStage(Stage):
         attempts = self._attempts(request)
         if attempts <= 1:
             return await handler(request)
-        deadline = self.clock() + self.settings.deadline_s
+        started = self.clock()
+        # The first attempt runs without tenacity (building a retrier costs more than a whole
+        # request's other work); tenacity takes over only once there is something to retry.
+        first: web.StreamResponse | ProxyError
+        try:
+            first = await _attempt(request, handler)
+        except (UpstreamUnavailable, UpstreamTimeout) as exc:
+            first = exc
+        else:
+            if not _retryable_result(first):
+                if _insufficient_quota(first):
+                    self._mark(ctx, 1, 0.0, first.headers, final_failure=True)
+                return first
+        return await self._retry(request, handler, ctx, attempts, started, first)
+
+    async def _retry(
+        self,
+        request: web.Request,
+        handler: Handler,
+        ctx: RequestContext,
+        attempts: int,
+        started: float,
+        first: web.StreamResponse | ProxyError,
+    ) -> web.StreamResponse:
+        deadline = started + self.settings.deadline_s
         waited = 0.0
-        count = 0
+        count = 1
+        replay: list[web.StreamResponse | ProxyError] = [first]
 
         async def attempt() -> web.StreamResponse:
             nonlocal count
+            if replay:  # tenacity's attempt 1 is the one already made
+                outcome = replay.pop()
+                if isinstance(outcome, ProxyError):
+                    raise outcome
+                return outcome
             count += 1
-            resp = await handler(request)
-            if isinstance(resp, Reply) and resp.status == 429:
-                await resp.read()  # small: is it a quota error (final) or a rate limit (retried)?
-            return resp
-
-        def retryable_result(resp: web.StreamResponse) -> bool:
-            return resp.status in RETRY_STATUSES and not _insufficient_quota(resp)
+            return await _attempt(request, handler)
 
         def retryable(state: RetryCallState) -> bool:
             assert state.outcome is not None
             if state.outcome.failed:
                 return isinstance(state.outcome.exception(), UpstreamUnavailable | UpstreamTimeout)
-            return retryable_result(state.outcome.result())
+            return _retryable_result(state.outcome.result())
 
         def wait(state: RetryCallState) -> float:
             assert state.outcome is not None
@@ -162,7 +186,7 @@ class RetryStage(Stage):
             final = isinstance(exc, UpstreamUnavailable | UpstreamTimeout)
             self._mark(ctx, count, waited, exc.headers, final_failure=final)
             raise
-        final = retryable_result(resp) or _insufficient_quota(resp)  # neither would succeed now
+        final = _retryable_result(resp) or _insufficient_quota(resp)  # neither would succeed now
         self._mark(ctx, count, waited, resp.headers, final_failure=final)
         return resp
 
@@ -199,6 +223,17 @@ def _last_result(state: RetryCallState) -> web.StreamResponse:
     assert state.outcome is not None
     result: web.StreamResponse = state.outcome.result()
     return result
+
+
+async def _attempt(request: web.Request, handler: Handler) -> web.StreamResponse:
+    resp = await handler(request)
+    if isinstance(resp, Reply) and resp.status == 429:
+        await resp.read()  # small: is it a quota error (final) or a rate limit (retried)?
+    return resp
+
+
+def _retryable_result(resp: web.StreamResponse) -> bool:
+    return resp.status in RETRY_STATUSES and not _insufficient_quota(resp)
 
 
 def _insufficient_quota(resp: web.StreamResponse) -> bool:
