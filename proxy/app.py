@@ -18,8 +18,9 @@ from proxy.budget import BudgetStage
 from proxy.cache import CacheStage
 from proxy.config import Settings
 from proxy.context import RequestContextStage, context_of
-from proxy.errors import error_middleware
+from proxy.errors import UpstreamTimeout, UpstreamUnavailable, error_middleware
 from proxy.metrics import Metrics
+from proxy.pool import Pool
 from proxy.ratelimit import RateLimitStage
 from proxy.retry import RetryStage, Sleep
 from proxy.store import REDIS, redis_ctx
@@ -37,17 +38,38 @@ class AppState:
 STATE: web.AppKey[AppState] = web.AppKey("state", AppState)
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM: web.AppKey[Upstream] = web.AppKey("upstream", Upstream)
+POOL: web.AppKey[Pool] = web.AppKey("pool", Pool)
 USAGE_LOG: web.AppKey[UsageLog] = web.AppKey("usage_log", UsageLog)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
-    """The innermost handler: send the request upstream, return the reply unsent."""
+    """The innermost handler: send the request to an upstream, return the reply unsent."""
     settings = request.app[SETTINGS]
+    pool = request.app[POOL]
     ctx = context_of(request)
+    target = pool.pick(ctx.tried if ctx is not None else ())
+    if ctx is not None:
+        ctx.upstream = target.name
+        ctx.tried = (*ctx.tried, target.name)
     t0 = time.monotonic()
-    reply = await request.app[UPSTREAM].forward(
-        request, ctx.raw if ctx is not None else None, settings.server.max_body_bytes
-    )
+    try:
+        reply = await request.app[UPSTREAM].forward(
+            request,
+            ctx.raw if ctx is not None else None,
+            settings.server.max_body_bytes,
+            target,
+            stream=ctx is not None and ctx.stream,
+        )
+    except (UpstreamUnavailable, UpstreamTimeout):
+        target.failed(pool.clock())
+        raise
+    except BaseException:
+        target.probing = False  # not the upstream's doing (a cancelled or refused request)
+        raise
+    if reply.status >= 500:
+        target.failed(pool.clock())
+    else:
+        target.succeeded()
     if ctx is not None:
         ctx.upstream_ms = round((time.monotonic() - t0) * 1000, 3)
     return reply
@@ -76,6 +98,7 @@ async def readyz(request: web.Request) -> web.Response:
         "version": __version__,
         "config_file": settings.config_file,
         "upstream": settings.upstream.url,
+        "upstreams": request.app[POOL].status(),
         "redis": guard.status() if guard is not None else {"configured": False, "status": "off"},
         "cache": cache_backend,
         "uptime_s": round(time.monotonic() - state.started, 3),
@@ -139,6 +162,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     session = Upstream.open_session(settings.upstream)
     app[SESSION] = session
     app[UPSTREAM] = Upstream(settings.upstream, session)
+    app[POOL] = Pool(settings.targets(), settings.upstream, app[METRICS])
     yield
     await session.close()
 

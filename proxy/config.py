@@ -38,7 +38,20 @@ class UpstreamSettings:
     connect_timeout_s: float = 10.0
     first_byte_timeout_s: float = 600.0
     total_timeout_s: float = 1800.0
+    idle_timeout_s: float = 300.0  # streams: the longest silence between two chunks
     max_connections: int = 0  # 0: unlimited
+    breaker_failures: int = 5  # consecutive failures that take an upstream out of the rotation
+    breaker_cooldown_s: float = 30.0  # ...for this long; then one probe request is let through
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """One OpenAI-compatible base URL of several (``[[upstreams]]`` in the TOML file)."""
+
+    url: str
+    api_key: str | None = field(default=None, repr=False)
+    weight: float = 1.0
+    name: str = ""  # default: host[:port]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +111,21 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
+    upstreams: tuple[UpstreamTarget, ...] = ()  # empty: the one upstream.url
     config_file: str | None = None
+
+    def targets(self) -> tuple[UpstreamTarget, ...]:
+        """The upstreams to spread requests over: ``[[upstreams]]``, else ``upstream.url``."""
+        if self.upstreams:
+            return self.upstreams
+        return (
+            UpstreamTarget(self.upstream.url, self.upstream.api_key, 1.0, _name(self.upstream.url)),
+        )
+
+
+def _name(url: str) -> str:
+    parsed = URL(url)
+    return f"{parsed.host}:{parsed.port}" if parsed.explicit_port else str(parsed.host)
 
 
 # (section, key) -> environment variables, first set one wins.
@@ -113,6 +140,7 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("upstream", "connect_timeout_s"): ("THRIFTGATE_CONNECT_TIMEOUT_S",),
     ("upstream", "first_byte_timeout_s"): ("THRIFTGATE_FIRST_BYTE_TIMEOUT_S",),
     ("upstream", "total_timeout_s"): ("THRIFTGATE_TOTAL_TIMEOUT_S",),
+    ("upstream", "idle_timeout_s"): ("THRIFTGATE_IDLE_TIMEOUT_S",),
     ("usage", "log_path"): ("THRIFTGATE_USAGE_LOG",),
     ("redis", "url"): ("THRIFTGATE_REDIS_URL", "REDIS_URL"),
     ("redis", "timeout_s"): ("THRIFTGATE_REDIS_TIMEOUT_S",),
@@ -205,6 +233,10 @@ def _read_file(path: str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"config file {path!r} cannot be read: {exc}") from None
     for section, values in data.items():
+        if section == "upstreams":
+            if not isinstance(values, list) or not all(isinstance(v, dict) for v in values):
+                raise ConfigError(f"{path}: upstreams must be an array of tables ([[upstreams]])")
+            continue
         if section not in _SECTIONS:
             known = ", ".join(sorted(_SECTIONS))
             raise ConfigError(f"{path}: unknown section [{section}] (known: {known})")
@@ -217,6 +249,25 @@ def _read_file(path: str) -> dict[str, Any]:
                     f"{path}: unknown setting {section}.{key} (known: {', '.join(sorted(allowed))})"
                 )
     return data
+
+
+def _target(path: str, index: int, table: dict[str, Any]) -> UpstreamTarget:
+    where = f"{path}: upstreams[{index}]"
+    allowed = {f.name for f in dataclasses.fields(UpstreamTarget)}
+    unknown = set(table) - allowed
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]}")
+    if "url" not in table:
+        raise ConfigError(f"{where}: url is required")
+    hints = _field_types(UpstreamTarget)
+    values = {k: _coerce(f"{where}.{k}", v, hints[k]) for k, v in table.items()}
+    target = UpstreamTarget(**values)
+    url = URL(target.url)
+    if url.scheme not in {"http", "https"} or not url.host:
+        raise ConfigError(f"{where}.url: {target.url!r} is not an http(s) URL")
+    if not target.weight > 0:
+        raise ConfigError(f"{where}.weight: must be positive")
+    return dataclasses.replace(target, name=target.name or _name(target.url))
 
 
 def load_settings(
@@ -234,9 +285,12 @@ def load_settings(
     path = config_file or env.get("THRIFTGATE_CONFIG") or None
     raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     where: dict[tuple[str, str], str] = {}
+    targets: tuple[UpstreamTarget, ...] = ()
 
     if path:
-        for section, values in _read_file(path).items():
+        data = _read_file(path)
+        targets = tuple(_target(path, i, t) for i, t in enumerate(data.pop("upstreams", [])))
+        for section, values in data.items():
             for key, value in values.items():
                 raw[section][key] = value
                 where[(section, key)] = f"{path}: {section}.{key}"
@@ -265,7 +319,7 @@ def load_settings(
             for key, value in raw[name].items()
         }
         sections[name] = cls(**values)
-    settings = Settings(**sections, config_file=path)
+    settings = Settings(**sections, upstreams=targets, config_file=path)
     _validate(settings, where)
     return settings
 
@@ -285,9 +339,14 @@ def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
     url = URL(s.upstream.url)
     if url.scheme not in {"http", "https"} or not url.host:
         fail("upstream", "url", f"{s.upstream.url!r} is not an http(s) URL")
-    for key in ("connect_timeout_s", "first_byte_timeout_s", "total_timeout_s"):
+    for key in ("connect_timeout_s", "first_byte_timeout_s", "total_timeout_s", "idle_timeout_s"):
         if getattr(s.upstream, key) <= 0:
             fail("upstream", key, "must be positive")
+    if s.upstream.breaker_failures < 1:
+        fail("upstream", "breaker_failures", "must be at least 1")
+    names = [t.name for t in s.upstreams]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{s.config_file}: upstreams need distinct names: {names}")
     if s.upstream.max_connections < 0:
         fail("upstream", "max_connections", "must not be negative")
     if s.redis.url is not None and URL(s.redis.url).scheme not in {"redis", "rediss", "unix"}:

@@ -68,6 +68,8 @@ class RequestContext:
     cache: str | None = None
     attempts: int = 1
     retry_wait_ms: float = 0.0
+    upstream: str | None = None  # the name of the upstream that answered (the last one tried)
+    tried: tuple[str, ...] = ()
     upstream_request_id: str | None = None
     usage: dict[str, Any] | None = None
     error: str | None = None

@@ -7,10 +7,14 @@ into Prometheus samples when /metrics is scraped.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from proxy.pool import Target
 
 CACHE_EVENTS = ("hit", "miss", "bypass", "store", "eviction", "coalesced")
 
@@ -24,6 +28,8 @@ class Metrics:
         self.redis_up: int | None = None  # None: no Redis configured
         self.redis_errors: dict[str, int] = {}  # by operation
         self.retries: dict[str, int] = {}  # by reason: status_503, connection, timeout
+        self.breaker_transitions: dict[tuple[str, str], int] = {}  # (upstream, to state)
+        self.upstreams: list[Target] = []
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
 
@@ -73,3 +79,20 @@ class _Collector(Collector):
         for reason, count in self.m.retries.items():
             retries.add_metric([reason], count)
         yield retries
+        states = GaugeMetricFamily(
+            "thriftgate_upstream_state",
+            "1 for each upstream's current breaker state (closed, open, half_open)",
+            labels=["upstream", "state"],
+        )
+        for target in self.m.upstreams:
+            for state in ("closed", "open", "half_open"):
+                states.add_metric([target.name, state], 1 if target.state == state else 0)
+        yield states
+        transitions = CounterMetricFamily(
+            "thriftgate_upstream_breaker_transitions",
+            "Circuit breaker transitions, by upstream and the state entered",
+            labels=["upstream", "to"],
+        )
+        for (name, state), count in self.m.breaker_transitions.items():
+            transitions.add_metric([name, state], count)
+        yield transitions

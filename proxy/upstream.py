@@ -20,6 +20,7 @@ from yarl import URL
 
 from proxy.config import UpstreamSettings
 from proxy.errors import PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
+from proxy.pool import Target
 
 log = structlog.get_logger("thriftgate.upstream")
 
@@ -222,16 +223,21 @@ class _BodyCounter:
 
 
 class Upstream:
-    """Sends requests to the configured OpenAI-compatible base URL."""
+    """Sends requests to one of the configured OpenAI-compatible base URLs."""
 
     def __init__(self, settings: UpstreamSettings, session: aiohttp.ClientSession) -> None:
         self.settings = settings
         self.session = session
-        self.base = settings.url.rstrip("/")
-        # connect and total are aiohttp's; time to first byte is an asyncio timeout around the
-        # wait for the status line (cheaper than sock_read, which re-arms a timer on every read)
+        # connect and total are aiohttp's; time to first byte is a timer around the wait for the
+        # status line (cheaper than sock_read, which re-arms a timer on every read); streams also
+        # get sock_read, the longest silence between two chunks
         self.timeout = aiohttp.ClientTimeout(
             total=settings.total_timeout_s, connect=settings.connect_timeout_s
+        )
+        self.stream_timeout = aiohttp.ClientTimeout(
+            total=settings.total_timeout_s,
+            connect=settings.connect_timeout_s,
+            sock_read=settings.idle_timeout_s,
         )
 
     @staticmethod
@@ -249,21 +255,33 @@ class Upstream:
             raise_for_status=False,
         )
 
-    def target(self, request: web.BaseRequest) -> URL:
+    @staticmethod
+    def url(request: web.BaseRequest, base: str) -> URL:
         """``/v1/<rest>?<query>`` → ``<base>/<rest>?<query>``, raw bytes preserved."""
         raw = request.raw_path
         rest = raw[3:] if raw.startswith("/v1") else raw
-        return URL(self.base + rest, encoded=True)
+        return URL(base + rest, encoded=True)
 
-    def request_headers(self, request: web.BaseRequest, *, fixed_body: bool) -> CIMultiDict[str]:
+    @staticmethod
+    def request_headers(
+        request: web.BaseRequest, api_key: str | None, *, fixed_body: bool
+    ) -> CIMultiDict[str]:
         # with the body in hand, aiohttp sets Content-Length from the bytes, to the same value
         drop = ("Host", *CONTROL_HEADERS, *(("Content-Length",) if fixed_body else ()))
         headers = end_to_end(request.headers, *drop)
-        if self.settings.api_key:
-            headers["Authorization"] = f"Bearer {self.settings.api_key}"
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         return headers
 
-    async def forward(self, request: web.BaseRequest, body: bytes | None, max_body: int) -> Reply:
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        body: bytes | None,
+        max_body: int,
+        target: Target,
+        *,
+        stream: bool = False,
+    ) -> Reply:
         """Send the request upstream and return the reply once its status and headers arrived.
 
         ``body`` is the already-read request body, or None to stream the client's body through.
@@ -277,8 +295,8 @@ class Upstream:
                     f"{max_body} bytes"
                 )
             data = _BodyCounter(request.content, max_body)
-        headers = self.request_headers(request, fixed_body=body is not None)
-        url = self.target(request)
+        headers = self.request_headers(request, target.api_key, fixed_body=body is not None)
+        url = self.url(request, target.base)
         # time to first byte: one timer that cancels this task (lighter than asyncio.timeout)
         task = asyncio.current_task()
         assert task is not None
@@ -292,7 +310,7 @@ class Upstream:
                 url,
                 headers=headers,
                 data=data,
-                timeout=self.timeout,
+                timeout=self.stream_timeout if stream else self.timeout,
                 allow_redirects=False,
             )
         except asyncio.CancelledError:

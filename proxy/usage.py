@@ -207,6 +207,7 @@ class UsageLog:
             "ts": self._ts(),
             "request_id": ctx.request_id,
             "upstream_request_id": ctx.upstream_request_id,
+            "upstream": ctx.upstream,
             "key": ctx.key,
             "method": ctx.method,
             "endpoint": ctx.endpoint,
