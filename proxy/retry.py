@@ -40,12 +40,12 @@ ATTEMPTS_HEADER = "x-thriftgate-attempts"
 Sleep = Callable[[float], Awaitable[None]]
 
 
-def retry_after_s(headers: web.StreamResponse | None, now: float | None = None) -> float | None:
+def retry_after_s(resp: web.StreamResponse | None, now: float | None = None) -> float | None:
     """The wait the upstream asked for: ``retry-after-ms``, else ``retry-after`` (seconds or an
     HTTP date); None when it said nothing usable."""
-    if headers is None:
+    if resp is None:
         return None
-    raw_ms = headers.headers.get("retry-after-ms")
+    raw_ms = resp.headers.get("retry-after-ms")
     if raw_ms is not None:
         try:
             value = float(raw_ms) / 1000
@@ -53,7 +53,7 @@ def retry_after_s(headers: web.StreamResponse | None, now: float | None = None) 
             value = -1.0
         if value >= 0:
             return value
-    raw = headers.headers.get("retry-after")
+    raw = resp.headers.get("retry-after")
     if raw is None:
         return None
     try:

@@ -95,6 +95,16 @@ async def test_retry_after_is_capped(
     assert proxy.waits == [2.0]
 
 
+@pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503, 504])
+async def test_each_transient_status_is_retried(
+    proxy: Proxy, fake: FakeOpenAI, status: int
+) -> None:
+    fake.fail_next(Fault(status=status))
+    got, headers, _ = await post(proxy)
+    assert got == 200 and headers["x-thriftgate-attempts"] == "2"
+    assert retries(proxy, f"status_{status}") == 1
+
+
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
 async def test_other_4xx_are_not_retried(proxy: Proxy, fake: FakeOpenAI, status: int) -> None:
     fake.fail_next(Fault(status=status))
