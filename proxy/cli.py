@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -42,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, help="worker processes sharing the port (env THRIFTGATE_WORKERS, 1)"
     )
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    tokens = sub.add_parser("tokens", help="count the prompt tokens of a request body, offline")
+    tokens.add_argument(
+        "request", help="a JSON request body (chat, embeddings or completions); - for stdin"
+    )
+    tokens.add_argument("--model", help="count as this model (default: the body's model)")
     return parser
 
 
@@ -50,7 +57,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     if args.command == "serve":
         return serve(args, list(sys.argv[1:] if argv is None else argv))
+    if args.command == "tokens":
+        return count_tokens(args.request, args.model)
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def count_tokens(path: str, model: str | None) -> int:
+    from proxy.tokens import count_request
+
+    try:
+        raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+        body = json.loads(raw)
+    except OSError as exc:
+        print(f"thriftgate: cannot read {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"thriftgate: {path} is not JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(body, dict):
+        print(f"thriftgate: {path} must hold a JSON object (a request body)", file=sys.stderr)
+        return 2
+    if "messages" in body:
+        endpoint = "/v1/chat/completions"
+    elif "input" in body:
+        endpoint = "/v1/embeddings"
+    elif "prompt" in body:
+        endpoint = "/v1/completions"
+    else:
+        print("thriftgate: the body has no messages, input or prompt to count", file=sys.stderr)
+        return 2
+    count = count_request(endpoint, body, model)
+    shown = model or body.get("model") or "unknown model"
+    note = " (approximate)" if count.approximate else ""
+    print(f"{count.tokens} prompt tokens{note}: {endpoint}, {shown}, {count.encoding}")
+    return 0
 
 
 def serve(args: argparse.Namespace, argv: list[str]) -> int:

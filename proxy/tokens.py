@@ -2,18 +2,25 @@
 
 The two encodings today's OpenAI models use (o200k_base, cl100k_base) ship inside the package as
 gzip copies of the files tiktoken would download; they are checked against the SHA-256 tiktoken
-pins, so no network is ever needed. Counting itself is built on ``encoding()``.
+pins, so no network is ever needed. Counting follows OpenAI's published recipes (the cookbook's
+"How to count tokens with tiktoken").
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import gzip
 import hashlib
+import json
+import math
+from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import tiktoken
+import tiktoken.model
 
 ENDOFTEXT = "<|endoftext|>"
 FIM_PREFIX = "<|fim_prefix|>"
@@ -84,3 +91,166 @@ def encoding(name: str) -> tiktoken.Encoding:
     return tiktoken.Encoding(
         name=name, pat_str=pat_str, mergeable_ranks=load_ranks(name), special_tokens=special
     )
+
+
+# -- counting ------------------------------------------------------------------------------------
+
+# Above this many bytes of request body, counting runs in a worker thread, off the event loop.
+OFF_LOOP_BYTES = 64 * 1024
+
+# OpenAI's image rule: 85 tokens for "detail": "low"; otherwise 85 + 170 per 512 px tile of the
+# image scaled to fit 2048x2048 and then to a shortest side of 768. The size of an image given by
+# URL is unknown before the call: it is counted as 1024x1024 (4 tiles, 765 tokens).
+IMAGE_BASE_TOKENS = 85
+IMAGE_TILE_TOKENS = 170
+DEFAULT_IMAGE_SIZE = (1024, 1024)
+
+# The cookbook's per-function constants for tool definitions ("How to count tokens with tiktoken").
+_TOOL_CONSTANTS = {
+    "o200k_base": {"func_init": 7, "prop_init": 3, "prop_key": 3, "enum_init": -3, "enum_item": 3},
+    "cl100k_base": {
+        "func_init": 10,
+        "prop_init": 3,
+        "prop_key": 3,
+        "enum_init": -3,
+        "enum_item": 3,
+    },
+}
+_FUNC_END = 12
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    tokens: int
+    encoding: str
+    approximate: bool  # the model is unknown (o200k_base assumed), or parts were estimated
+
+
+def encoding_name_for(model: str | None) -> tuple[str, bool]:
+    """tiktoken's own model table (exact name, then prefix); an unknown model, or one whose
+    encoding is not shipped, falls back to o200k_base and is flagged approximate."""
+    name = None
+    if model:
+        name = tiktoken.model.MODEL_TO_ENCODING.get(model)
+        if name is None:
+            for prefix, enc in tiktoken.model.MODEL_PREFIX_TO_ENCODING.items():
+                if model.startswith(prefix):
+                    name = enc
+                    break
+    if name in _ENCODINGS:
+        return name, False
+    return "o200k_base", True
+
+
+def image_tokens(part: dict[str, Any]) -> int:
+    image = part.get("image_url")
+    detail = image.get("detail", "auto") if isinstance(image, dict) else "auto"
+    if detail == "low":
+        return IMAGE_BASE_TOKENS
+    width, height = DEFAULT_IMAGE_SIZE
+    scale = min(1.0, 2048 / max(width, height))
+    width, height = width * scale, height * scale
+    scale = 768 / min(width, height)
+    width, height = width * scale, height * scale
+    tiles = math.ceil(width / 512) * math.ceil(height / 512)
+    return IMAGE_BASE_TOKENS + IMAGE_TILE_TOKENS * tiles
+
+
+def _text(enc: tiktoken.Encoding, value: Any) -> int:
+    if isinstance(value, str):
+        return len(enc.encode(value, disallowed_special=()))
+    if value is None:
+        return 0
+    return len(enc.encode(json.dumps(value, separators=(",", ":")), disallowed_special=()))
+
+
+def count_messages(enc: tiktoken.Encoding, messages: list[Any]) -> tuple[int, bool]:
+    """OpenAI's recipe: 3 tokens per message, 1 per name, 3 to prime the reply."""
+    total, approximate = 3, False
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        total += 3
+        for key, value in message.items():
+            if key == "content" and isinstance(value, list):
+                for part in value:
+                    if not isinstance(part, dict):
+                        continue
+                    kind = part.get("type")
+                    if kind in ("text", "input_text", "output_text", "refusal"):
+                        total += _text(enc, part.get("text", part.get("refusal")))
+                    elif kind in ("image_url", "input_image"):
+                        total += image_tokens(part)
+                        approximate = True
+                    else:  # audio, files: not countable from the request
+                        approximate = True
+            else:
+                total += _text(enc, value)
+            if key == "name":
+                total += 1
+    return total, approximate
+
+
+def count_tools(enc: tiktoken.Encoding, tools: list[Any]) -> int:
+    """Tool (function) definitions, with the cookbook's per-function constants."""
+    c = _TOOL_CONSTANTS[enc.name]
+    total = 0
+    for tool in tools:
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict):
+            continue
+        total += c["func_init"]
+        desc = str(fn.get("description", "")).removesuffix(".")
+        total += len(enc.encode(f"{fn.get('name', '')}:{desc}", disallowed_special=()))
+        properties = (fn.get("parameters") or {}).get("properties") or {}
+        if properties:
+            total += c["prop_init"]
+            for key, prop in properties.items():
+                total += c["prop_key"]
+                prop = prop if isinstance(prop, dict) else {}
+                if "enum" in prop:
+                    total += c["enum_init"]
+                    for item in prop["enum"]:
+                        total += c["enum_item"] + _text(enc, str(item))
+                p_desc = str(prop.get("description", "")).removesuffix(".")
+                total += len(
+                    enc.encode(f"{key}:{prop.get('type', '')}:{p_desc}", disallowed_special=())
+                )
+    return total + (_FUNC_END if tools else 0)
+
+
+def count_embeddings_input(enc: tiktoken.Encoding, value: Any) -> int:
+    """A string, a list of strings, a token-id array (its length), or a list of those."""
+    if isinstance(value, str):
+        return _text(enc, value)
+    if isinstance(value, list):
+        if value and all(isinstance(v, int) for v in value):
+            return len(value)
+        return sum(count_embeddings_input(enc, v) for v in value)
+    return 0
+
+
+def count_request(endpoint: str, body: dict[str, Any], model: str | None = None) -> Count:
+    """The prompt tokens of a request body for ``endpoint`` (chat, embeddings, completions)."""
+    name, approximate = encoding_name_for(model or body.get("model"))
+    enc = encoding(name)
+    if endpoint.endswith("/embeddings"):
+        tokens = count_embeddings_input(enc, body.get("input"))
+    elif endpoint.endswith("/completions") and "messages" not in body:
+        tokens = count_embeddings_input(enc, body.get("prompt", ""))
+    else:
+        tokens, estimated = count_messages(enc, body.get("messages") or [])
+        approximate = approximate or estimated
+        tools = body.get("tools") or body.get("functions") or []
+        if isinstance(tools, list) and tools:
+            tokens += count_tools(enc, tools)
+    return Count(tokens, name, approximate)
+
+
+async def count_request_async(
+    endpoint: str, body: dict[str, Any], size: int, model: str | None = None
+) -> Count:
+    """``count_request``, in a worker thread when the body is large, so no request stalls."""
+    if size > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(count_request, endpoint, body, model)
+    return count_request(endpoint, body, model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tiktoken_ext.openai_public as public
@@ -71,3 +72,177 @@ def test_shipped_copy_is_byte_identical_to_shared(name: str) -> None:
 def test_unknown_encoding() -> None:
     with pytest.raises(KeyError):
         tokens.load_ranks("p50k_base")
+
+
+# -- counting: OpenAI's recipes, the cookbook's worked examples ---------------------------------
+
+JARGON = [
+    {
+        "role": "system",
+        "content": "You are a helpful, pattern-following assistant that translates corporate "
+        "jargon into plain English.",
+    },
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "New synergies will help drive top-line growth.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Things working well together will increase revenue.",
+    },
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "Let's circle back when we have more bandwidth to touch base on opportunities "
+        "for increased leverage.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Let's talk later when we're less busy about how to do better.",
+    },
+    {
+        "role": "user",
+        "content": "This late pivot means we don't have time to boil the ocean for the client "
+        "deliverable.",
+    },
+]
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_current_weather",
+            "description": "Get the current weather in a given location",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "location": {
+                        "type": "string",
+                        "description": "The city and state, e.g. San Francisco, CA",
+                    },
+                    "unit": {
+                        "type": "string",
+                        "description": "The unit of temperature to return",
+                        "enum": ["celsius", "fahrenheit"],
+                    },
+                },
+                "required": ["location"],
+            },
+        },
+    }
+]
+WEATHER = [
+    {
+        "role": "system",
+        "content": "You are a helpful assistant that can answer to questions about the weather.",
+    },
+    {"role": "user", "content": "What's the weather like in San Francisco?"},
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [("gpt-4", 129), ("gpt-3.5-turbo", 129), ("gpt-4o", 124), ("gpt-4o-mini", 124)],
+)
+def test_cookbook_messages_example(model: str, expected: int) -> None:
+    count = tokens.count_request("/v1/chat/completions", {"model": model, "messages": JARGON})
+    assert count.tokens == expected
+    assert not count.approximate
+
+
+@pytest.mark.parametrize(("model", "expected"), [("gpt-4", 105), ("gpt-4o", 101)])
+def test_cookbook_tools_example(model: str, expected: int) -> None:
+    body = {"model": model, "messages": WEATHER, "tools": WEATHER_TOOLS}
+    assert tokens.count_request("/v1/chat/completions", body).tokens == expected
+
+
+def test_model_table_prefixes_and_unknown_models() -> None:
+    assert tokens.encoding_name_for("gpt-4o-2024-08-06") == ("o200k_base", False)
+    assert tokens.encoding_name_for("gpt-4-0613") == ("cl100k_base", False)
+    assert tokens.encoding_name_for("gpt-5-mini") == ("o200k_base", False)
+    assert tokens.encoding_name_for("text-embedding-3-small") == ("cl100k_base", False)
+    assert tokens.encoding_name_for("my-local-llama") == ("o200k_base", True)
+    assert tokens.encoding_name_for(None) == ("o200k_base", True)
+    count = tokens.count_request(
+        "/v1/chat/completions", {"model": "mystery", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert count.approximate
+
+
+def test_content_parts_and_images() -> None:
+    def parts(*content: dict[str, object]) -> int:
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": list(content)}]}
+        return tokens.count_request("/v1/chat/completions", body).tokens
+
+    text_only = parts({"type": "text", "text": "What is in this image?"})
+    plain = tokens.count_request(
+        "/v1/chat/completions",
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": "What is in this image?"}]},
+    ).tokens
+    assert text_only == plain
+    low = {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}}
+    high = {"type": "image_url", "image_url": {"url": "https://x/y.png"}}
+    assert parts({"type": "text", "text": "What is in this image?"}, low) == text_only + 85
+    assert parts({"type": "text", "text": "What is in this image?"}, high) == text_only + 765
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("hello world", 2),
+        (["hello world", "hello"], 3),
+        ([15339, 1917, 0], 3),
+        ([[1, 2], [3, 4, 5]], 5),
+    ],
+)
+def test_embeddings_input_shapes(value: object, expected: int) -> None:
+    body = {"model": "text-embedding-3-small", "input": value}
+    assert tokens.count_request("/v1/embeddings", body).tokens == expected
+
+
+async def test_large_prompts_are_counted_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "word " * 40_000}]}
+    seen: list[str] = []
+    original = tokens.count_request
+
+    def spy(*args: Any) -> tokens.Count:
+        seen.append(threading.current_thread().name)
+        return original(*args)
+
+    monkeypatch.setattr(tokens, "count_request", spy)
+    big = await tokens.count_request_async("/v1/chat/completions", body, size=200_000)
+    small = await tokens.count_request_async("/v1/chat/completions", body, size=100)
+    assert big == small and big.tokens > 40_000
+    assert seen[0] != threading.current_thread().name  # a worker thread
+    assert seen[1] == threading.current_thread().name  # small: counted in place
+
+
+def test_tokens_cli(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    request = tmp_path / "req.json"
+    request.write_text(json.dumps({"model": "gpt-4", "messages": JARGON}))
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "tokens", str(request)], capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    assert out.stdout.startswith("129 prompt tokens: /v1/chat/completions, gpt-4, cl100k_base")
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "tokens", str(request), "--model", "gpt-4o"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.startswith("124 prompt tokens")
+    request.write_text("[1, 2]")
+    bad = subprocess.run(
+        [sys.executable, "-m", "proxy", "tokens", str(request)], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "must hold a JSON object" in bad.stderr
