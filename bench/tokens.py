@@ -1,0 +1,110 @@
+"""Counting cost: thriftgate's request counting against tiktoken's raw encode, in the same run.
+
+    python bench/tokens.py [--repeat 20]
+
+Measures a 100k-token prompt (tokens per second) and a typical 1k-token chat (per request), each
+counted by ``proxy.tokens.count_request`` (the recipe: per-message overhead, names, parts) and by
+a bare ``encoding.encode`` of the same text. Prints the overhead of the recipe over raw encode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+from proxy import tokens
+
+WORDS = [
+    "the",
+    "proxy",
+    "counts",
+    "tokens",
+    "before",
+    "each",
+    "call",
+    "so",
+    "budgets",
+    "and",
+    "context",
+    "limits",
+    "hold",
+    "while",
+    "streams",
+    "pass",
+    "through",
+    "untouched",
+    "and",
+    "cached",
+    "answers",
+    "come",
+    "back",
+    "byte",
+    "for",
+    "byte",
+]
+
+
+def text(n_words: int, seed: int) -> str:
+    rnd = random.Random(seed)
+    return " ".join(rnd.choice(WORDS) for _ in range(n_words))
+
+
+def best(fn: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+    enc = tokens.encoding("o200k_base")
+
+    big = text(100_000, 1)
+    big_body = {"model": "gpt-4o", "messages": [{"role": "user", "content": big}]}
+    n_big = len(enc.encode(big))
+    raw_big = best(lambda: enc.encode(big), args.repeat)
+    ours_big = best(lambda: tokens.count_request("/v1/chat/completions", big_body), args.repeat)
+
+    chat = [
+        {"role": "system", "content": text(60, 2)},
+        *[
+            {"role": "user" if i % 2 == 0 else "assistant", "content": text(70, 10 + i)}
+            for i in range(12)
+        ],
+    ]
+    chat_body = {"model": "gpt-4o", "messages": chat}
+    joined = [m["content"] for m in chat]
+    n_chat = tokens.count_request("/v1/chat/completions", chat_body).tokens
+    loops = 200
+    raw_chat = best(lambda: [enc.encode(t) for _ in range(loops) for t in joined], 5) / loops
+    ours_chat = (
+        best(
+            lambda: [tokens.count_request("/v1/chat/completions", chat_body) for _ in range(loops)],
+            5,
+        )
+        / loops
+    )
+
+    print(
+        f"100k-token prompt ({n_big} tokens): raw encode {n_big / raw_big:,.0f} tokens/s, "
+        f"count_request {n_big / ours_big:,.0f} tokens/s, overhead "
+        f"{(ours_big / raw_big - 1) * 100:+.1f}%"
+    )
+    print(
+        f"typical chat ({n_chat} tokens, {len(chat)} messages): raw encode "
+        f"{raw_chat * 1e6:.0f} us, count_request {ours_chat * 1e6:.0f} us, overhead "
+        f"{(ours_chat / raw_chat - 1) * 100:+.1f}%"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
