@@ -24,6 +24,7 @@ from proxy.pool import Pool
 from proxy.ratelimit import RateLimitStage
 from proxy.retry import RetryStage, Sleep
 from proxy.store import REDIS, redis_ctx
+from proxy.tokens import Catalogue
 from proxy.types import METRICS, SETTINGS
 from proxy.upstream import Upstream
 from proxy.usage import UsageLog
@@ -128,7 +129,7 @@ def create_app(
             error_middleware,  # outermost: any exception becomes OpenAI's error envelope
             RequestContextStage(usage_log),  # request id, key fingerprint, parsed body, usage log
             cache,  # exact-match answers, single-flight
-            BudgetStage(settings),
+            BudgetStage(Catalogue(settings.models)),  # tokens counted, context guard
             RateLimitStage(settings),
             RetryStage(settings.retry, metrics, sleep=retry_sleep),
         ],

@@ -93,6 +93,15 @@ class RetrySettings:
     tell_client_not_to_retry: bool = True  # x-should-retry: false on a final failure
 
 
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A model's limits: the catalogue's entries and the config's ``[models."name"]`` tables."""
+
+    name: str
+    context_window: int
+    max_output_tokens: int = 0
+
+
 _SECTIONS: dict[str, type] = {
     "server": ServerSettings,
     "upstream": UpstreamSettings,
@@ -112,6 +121,7 @@ class Settings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
     upstreams: tuple[UpstreamTarget, ...] = ()  # empty: the one upstream.url
+    models: tuple[ModelInfo, ...] = ()  # additions to / overrides of the shipped catalogue
     config_file: str | None = None
 
     def targets(self) -> tuple[UpstreamTarget, ...]:
@@ -237,6 +247,12 @@ def _read_file(path: str) -> dict[str, Any]:
             if not isinstance(values, list) or not all(isinstance(v, dict) for v in values):
                 raise ConfigError(f"{path}: upstreams must be an array of tables ([[upstreams]])")
             continue
+        if section == "models":
+            if not isinstance(values, dict) or not all(
+                isinstance(v, dict) for v in values.values()
+            ):
+                raise ConfigError(f'{path}: models must be tables ([models."name"])')
+            continue
         if section not in _SECTIONS:
             known = ", ".join(sorted(_SECTIONS))
             raise ConfigError(f"{path}: unknown section [{section}] (known: {known})")
@@ -249,6 +265,25 @@ def _read_file(path: str) -> dict[str, Any]:
                     f"{path}: unknown setting {section}.{key} (known: {', '.join(sorted(allowed))})"
                 )
     return data
+
+
+def parse_models(where: str, tables: dict[str, Any]) -> tuple[ModelInfo, ...]:
+    """``{"name": {"context_window": N, "max_output_tokens": M}}`` → ModelInfo entries."""
+    out = []
+    for name, table in tables.items():
+        unknown = set(table) - {"context_window", "max_output_tokens"}
+        if unknown:
+            raise ConfigError(f"{where}: models.{name}: unknown setting {sorted(unknown)[0]}")
+        if "context_window" not in table:
+            raise ConfigError(f"{where}: models.{name}: context_window is required")
+        window = _coerce(f"{where}: models.{name}.context_window", table["context_window"], int)
+        output = _coerce(
+            f"{where}: models.{name}.max_output_tokens", table.get("max_output_tokens", 0), int
+        )
+        if window < 1 or output < 0:
+            raise ConfigError(f"{where}: models.{name}: limits must be positive")
+        out.append(ModelInfo(name, window, output))
+    return tuple(out)
 
 
 def _target(path: str, index: int, table: dict[str, Any]) -> UpstreamTarget:
@@ -286,10 +321,12 @@ def load_settings(
     raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     where: dict[tuple[str, str], str] = {}
     targets: tuple[UpstreamTarget, ...] = ()
+    models: tuple[ModelInfo, ...] = ()
 
     if path:
         data = _read_file(path)
         targets = tuple(_target(path, i, t) for i, t in enumerate(data.pop("upstreams", [])))
+        models = parse_models(path, data.pop("models", {}))
         for section, values in data.items():
             for key, value in values.items():
                 raw[section][key] = value
@@ -319,7 +356,7 @@ def load_settings(
             for key, value in raw[name].items()
         }
         sections[name] = cls(**values)
-    settings = Settings(**sections, upstreams=targets, config_file=path)
+    settings = Settings(**sections, upstreams=targets, models=models, config_file=path)
     _validate(settings, where)
     return settings
 

@@ -69,6 +69,7 @@ class RequestContext:
     attempts: int = 1
     retry_wait_ms: float = 0.0
     upstream: str | None = None  # the name of the upstream that answered (the last one tried)
+    prompt_estimate: int | None = None  # tokens counted before the call
     tried: tuple[str, ...] = ()
     upstream_request_id: str | None = None
     usage: dict[str, Any] | None = None

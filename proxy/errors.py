@@ -46,6 +46,10 @@ class InvalidRequest(ProxyError):
     code = "invalid_request"
 
 
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
 class PayloadTooLarge(InvalidRequest):
     status = 413
     code = "payload_too_large"

@@ -15,12 +15,15 @@ import gzip
 import hashlib
 import json
 import math
+import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import tiktoken
 import tiktoken.model
+
+from proxy.config import ModelInfo, parse_models
 
 ENDOFTEXT = "<|endoftext|>"
 FIM_PREFIX = "<|fim_prefix|>"
@@ -124,6 +127,7 @@ class Count:
     tokens: int
     encoding: str
     approximate: bool  # the model is unknown (o200k_base assumed), or parts were estimated
+    parts_estimated: bool = False  # images (size unknown) or audio/files: not countable exactly
 
 
 def encoding_name_for(model: str | None) -> tuple[str, bool]:
@@ -234,17 +238,17 @@ def count_request(endpoint: str, body: dict[str, Any], model: str | None = None)
     """The prompt tokens of a request body for ``endpoint`` (chat, embeddings, completions)."""
     name, approximate = encoding_name_for(model or body.get("model"))
     enc = encoding(name)
+    estimated = False
     if endpoint.endswith("/embeddings"):
         tokens = count_embeddings_input(enc, body.get("input"))
     elif endpoint.endswith("/completions") and "messages" not in body:
         tokens = count_embeddings_input(enc, body.get("prompt", ""))
     else:
         tokens, estimated = count_messages(enc, body.get("messages") or [])
-        approximate = approximate or estimated
         tools = body.get("tools") or body.get("functions") or []
         if isinstance(tools, list) and tools:
             tokens += count_tools(enc, tools)
-    return Count(tokens, name, approximate)
+    return Count(tokens, name, approximate or estimated, estimated)
 
 
 async def count_request_async(
@@ -254,3 +258,30 @@ async def count_request_async(
     if size > OFF_LOOP_BYTES:
         return await asyncio.to_thread(count_request, endpoint, body, model)
     return count_request(endpoint, body, model)
+
+
+# -- the model catalogue -------------------------------------------------------------------------
+
+
+class Catalogue:
+    """Each model's context window and output limit: the shipped table (``data/models.toml``, a
+    copy of ``config/models.toml``) with the config's ``[models."name"]`` entries on top. A name
+    matches exactly, else by the longest listed prefix (``gpt-4o-2024-08-06`` → ``gpt-4o``)."""
+
+    def __init__(self, overrides: tuple[ModelInfo, ...] = ()) -> None:
+        data = tomllib.loads(resources.files("proxy").joinpath("data", "models.toml").read_text())
+        self.models = {m.name: m for m in parse_models("models.toml", data.get("models", {}))}
+        self.models.update({m.name: m for m in overrides})
+        self._by_length = sorted(self.models, key=len, reverse=True)
+
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 - one catalogue per app, a bounded cache
+    def lookup(self, model: str | None) -> ModelInfo | None:
+        if not model:
+            return None
+        found = self.models.get(model)
+        if found is not None:
+            return found
+        for name in self._by_length:
+            if model.startswith(name):
+                return self.models[name]
+        return None

@@ -217,6 +217,7 @@ class UsageLog:
             "cache": ctx.cache,
             **token_fields(ctx.usage),
             "tokens_source": "upstream" if ctx.usage else None,
+            "prompt_tokens_estimate": ctx.prompt_estimate,
             "cost_usd": None,  # filled in once pricing lands
             "saved_usd": None,
             "latency_ms": ctx.latency_ms,
