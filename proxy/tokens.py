@@ -130,6 +130,7 @@ class Count:
     parts_estimated: bool = False  # images (size unknown) or audio/files: not countable exactly
 
 
+@functools.lru_cache(maxsize=1024)
 def encoding_name_for(model: str | None) -> tuple[str, bool]:
     """tiktoken's own model table (exact name, then prefix); an unknown model, or one whose
     encoding is not shipped, falls back to o200k_base and is flagged approximate."""
@@ -160,12 +161,17 @@ def image_tokens(part: dict[str, Any]) -> int:
     return IMAGE_BASE_TOKENS + IMAGE_TILE_TOKENS * tiles
 
 
+# Each of these is one token in both encodings (checked in the tests).
+ONE_TOKEN_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
+
+
 def _text(enc: tiktoken.Encoding, value: Any) -> int:
+    """Tokens of a value as the model sees it (special-token text counts as ordinary text)."""
     if isinstance(value, str):
-        return len(enc.encode(value, disallowed_special=()))
+        return len(enc.encode_ordinary(value))
     if value is None:
         return 0
-    return len(enc.encode(json.dumps(value, separators=(",", ":")), disallowed_special=()))
+    return len(enc.encode_ordinary(json.dumps(value, separators=(",", ":"))))
 
 
 def count_messages(enc: tiktoken.Encoding, messages: list[Any]) -> tuple[int, bool]:
@@ -188,6 +194,8 @@ def count_messages(enc: tiktoken.Encoding, messages: list[Any]) -> tuple[int, bo
                         approximate = True
                     else:  # audio, files: not countable from the request
                         approximate = True
+            elif key == "role" and value in ONE_TOKEN_ROLES:
+                total += 1
             else:
                 total += _text(enc, value)
             if key == "name":
@@ -205,7 +213,7 @@ def count_tools(enc: tiktoken.Encoding, tools: list[Any]) -> int:
             continue
         total += c["func_init"]
         desc = str(fn.get("description", "")).removesuffix(".")
-        total += len(enc.encode(f"{fn.get('name', '')}:{desc}", disallowed_special=()))
+        total += _text(enc, f"{fn.get('name', '')}:{desc}")
         properties = (fn.get("parameters") or {}).get("properties") or {}
         if properties:
             total += c["prop_init"]
@@ -217,9 +225,7 @@ def count_tools(enc: tiktoken.Encoding, tools: list[Any]) -> int:
                     for item in prop["enum"]:
                         total += c["enum_item"] + _text(enc, str(item))
                 p_desc = str(prop.get("description", "")).removesuffix(".")
-                total += len(
-                    enc.encode(f"{key}:{prop.get('type', '')}:{p_desc}", disallowed_special=())
-                )
+                total += _text(enc, f"{key}:{prop.get('type', '')}:{p_desc}")
     return total + (_FUNC_END if tools else 0)
 
 

@@ -246,3 +246,10 @@ def test_tokens_cli(tmp_path: Path) -> None:
         [sys.executable, "-m", "proxy", "tokens", str(request)], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "must hold a JSON object" in bad.stderr
+
+
+def test_one_token_roles() -> None:
+    for name in ("o200k_base", "cl100k_base"):
+        enc = tokens.encoding(name)
+        for role in tokens.ONE_TOKEN_ROLES:
+            assert len(enc.encode(role)) == 1, (name, role)
