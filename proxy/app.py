@@ -41,6 +41,7 @@ SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.Clien
 UPSTREAM: web.AppKey[Upstream] = web.AppKey("upstream", Upstream)
 POOL: web.AppKey[Pool] = web.AppKey("pool", Pool)
 USAGE_LOG: web.AppKey[UsageLog] = web.AppKey("usage_log", UsageLog)
+CACHE: web.AppKey[CacheStage] = web.AppKey("cache", CacheStage)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -65,7 +66,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
         target.failed(pool.clock())
         raise
     except BaseException:
-        target.probing = False  # not the upstream's doing (a cancelled or refused request)
+        target.abandoned()  # not the upstream's doing (a cancelled or refused request)
         raise
     if reply.status >= 500:
         target.failed(pool.clock())
@@ -89,11 +90,7 @@ async def readyz(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     state = request.app[STATE]
     guard = request.app[REDIS]
-    cache_backend = (
-        ("redis" if guard is not None and settings.cache.backend != "memory" else "memory")
-        if settings.cache.enabled
-        else "off"
-    )
+    backend = request.app[CACHE].backend
     report = {
         "status": "shutting_down" if state.shutting_down else "ready",
         "version": __version__,
@@ -101,7 +98,7 @@ async def readyz(request: web.Request) -> web.Response:
         "upstream": settings.upstream.url,
         "upstreams": request.app[POOL].status(),
         "redis": guard.status() if guard is not None else {"configured": False, "status": "off"},
-        "cache": cache_backend,
+        "cache": backend.name if backend is not None else "off",
         "uptime_s": round(time.monotonic() - state.started, 3),
         "pid": os.getpid(),
     }
@@ -138,6 +135,7 @@ def create_app(
     app[METRICS] = metrics
     app[STATE] = AppState(started=time.monotonic())
     app[USAGE_LOG] = usage_log
+    app[CACHE] = cache
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(redis_ctx)
     app.on_startup.append(cache.startup)  # after the cleanup contexts: Redis is open

@@ -33,7 +33,7 @@ from proxy.metrics import Metrics
 from proxy.store import REDIS, RedisGuard
 from proxy.types import Handler, Stage
 from proxy.upstream import Outcome, Reply
-from proxy.usage import Decoder, usage_of
+from proxy.usage import Decoder, decoded, usage_of
 
 log = structlog.get_logger("thriftgate.cache")
 
@@ -267,17 +267,6 @@ class _BodyRecorder:
         return body
 
 
-def _decoded(body: bytes | None, encoding: str | None, limit: int) -> bytes | None:
-    if body is None:
-        return None
-    if encoding:
-        decoder = Decoder(encoding)
-        body = decoder.feed(body)
-        if decoder.failed:
-            return None
-    return body if len(body) <= limit else None
-
-
 class CacheStage(Stage):
     def __init__(
         self, settings: CacheSettings, metrics: Metrics, *, follower_wait_s: float
@@ -423,7 +412,10 @@ class CacheStage(Stage):
                 if recorder is not None:
                     body = recorder.body(stream=ctx.stream)
                 else:
-                    body = _decoded(resp.body_bytes, encoding, self.settings.max_entry_bytes)
+                    whole = resp.body_bytes
+                    body = decoded(whole, encoding) if whole is not None else None
+                    if body is not None and len(body) > self.settings.max_entry_bytes:
+                        body = None
             entry = None
             if body is not None:
                 # the usage log reads it from here too, instead of parsing the body again

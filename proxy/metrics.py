@@ -7,7 +7,7 @@ into Prometheus samples when /metrics is scraped.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -37,21 +37,29 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def _counter(
+    name: str, documentation: str, labels: list[str], counts: dict[Any, int]
+) -> CounterMetricFamily:
+    """A counter family from plain counts keyed by a label value (or a tuple of them)."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, count in counts.items():
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], count)
+    return family
+
+
 class _Collector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        events = CounterMetricFamily(
+        yield _counter(
             "thriftgate_cache_events",
             "Response cache events: hit, miss, bypass, store, eviction, coalesced (a request "
             "that waited for an identical one in flight); backend failures are "
             "thriftgate_redis_errors_total",
-            labels=["event"],
+            ["event"],
+            self.m.cache,
         )
-        for event, count in self.m.cache.items():
-            events.add_metric([event], count)
-        yield events
         yield GaugeMetricFamily(
             "thriftgate_cache_memory_bytes",
             "Bytes held by the in-process cache",
@@ -63,22 +71,18 @@ class _Collector(Collector):
                 "1 while Redis answers, 0 while thriftgate runs degraded without it",
                 value=self.m.redis_up,
             )
-        errors = CounterMetricFamily(
+        yield _counter(
             "thriftgate_redis_errors",
             "Redis operations that failed or timed out (and were skipped)",
-            labels=["operation"],
+            ["operation"],
+            self.m.redis_errors,
         )
-        for operation, count in self.m.redis_errors.items():
-            errors.add_metric([operation], count)
-        yield errors
-        retries = CounterMetricFamily(
+        yield _counter(
             "thriftgate_retries",
             "Upstream attempts retried, by reason (status_NNN, connection, timeout)",
-            labels=["reason"],
+            ["reason"],
+            self.m.retries,
         )
-        for reason, count in self.m.retries.items():
-            retries.add_metric([reason], count)
-        yield retries
         states = GaugeMetricFamily(
             "thriftgate_upstream_state",
             "1 for each upstream's current breaker state (closed, open, half_open)",
@@ -88,11 +92,9 @@ class _Collector(Collector):
             for state in ("closed", "open", "half_open"):
                 states.add_metric([target.name, state], 1 if target.state == state else 0)
         yield states
-        transitions = CounterMetricFamily(
+        yield _counter(
             "thriftgate_upstream_breaker_transitions",
             "Circuit breaker transitions, by upstream and the state entered",
-            labels=["upstream", "to"],
+            ["upstream", "to"],
+            self.m.breaker_transitions,
         )
-        for (name, state), count in self.m.breaker_transitions.items():
-            transitions.add_metric([name, state], count)
-        yield transitions

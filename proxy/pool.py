@@ -53,6 +53,10 @@ class Target:
         if self.state == HALF_OPEN:
             self.probing = True
 
+    def abandoned(self) -> None:
+        """The request ended before the upstream could answer for itself: no verdict."""
+        self.probing = False
+
     def succeeded(self) -> None:
         self.failures = 0
         self.probing = False

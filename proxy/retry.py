@@ -29,7 +29,7 @@ from proxy.errors import InvalidRequest, ProxyError, UpstreamTimeout, UpstreamUn
 from proxy.metrics import Metrics
 from proxy.types import Handler, Stage
 from proxy.upstream import Reply
-from proxy.usage import Decoder
+from proxy.usage import decoded
 
 log = structlog.get_logger("thriftgate.retry")
 
@@ -239,10 +239,7 @@ def _retryable_result(resp: web.StreamResponse) -> bool:
 def _insufficient_quota(resp: web.StreamResponse) -> bool:
     if resp.status != 429 or not isinstance(resp, Reply) or resp.body_bytes is None:
         return False
-    body = resp.body_bytes
-    encoding = resp.headers.get("Content-Encoding")
-    if encoding:
-        body = Decoder(encoding).feed(body)
+    body = decoded(resp.body_bytes, resp.headers.get("Content-Encoding")) or b""
     return b"insufficient_quota" in body
 
 

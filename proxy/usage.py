@@ -100,6 +100,15 @@ class UsageRecorder:
         return _usage_from_sse(bytes(self._buf))
 
 
+def decoded(body: bytes, content_encoding: str | None) -> bytes | None:
+    """A whole body, decoded from its Content-Encoding; None if it cannot be."""
+    if not content_encoding:
+        return body
+    decoder = Decoder(content_encoding)
+    data = decoder.feed(body)
+    return None if decoder.failed else data
+
+
 def usage_of(content_type: str | None, body: bytes) -> dict[str, Any] | None:
     """The ``usage`` object of a whole (decoded) answer body, JSON or SSE."""
     recorder = UsageRecorder(content_type, None)
