@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import aiohttp
@@ -146,19 +146,19 @@ def static_upstream(port: int) -> Iterator[str]:
             yield "nginx"
 
 
-def thriftgate(port: int, upstream: str, workers: int = 1, **env: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "proxy",
-        "serve",
-        "--port",
-        str(port),
-        "--upstream",
-        upstream,
-        "--workers",
-        str(workers),
-    ]
+def thriftgate(
+    port: int, upstream: str, *, workers: int = 1, cpu: int | None = PROXY_CPU, **env: str
+) -> AbstractContextManager[int]:
+    """thriftgate serving on ``port`` in front of ``upstream``, its usage log discarded."""
+    args = [sys.executable, "-m", "proxy", "serve", "--port", str(port), "--upstream", upstream]
+    args += ["--workers", str(workers)]
+    return process(args, port, {"THRIFTGATE_USAGE_LOG": os.devnull, **env}, cpu=cpu)
+
+
+def bare_forwarder(port: int, upstream: str) -> AbstractContextManager[int]:
+    """The yardstick, on the same core thriftgate gets."""
+    args = [sys.executable, str(HERE / "bare_forwarder.py"), str(port), upstream]
+    return process(args, port, cpu=PROXY_CPU)
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -267,18 +267,13 @@ def main() -> int:
 
     up, sse, bare, tg, tg2 = (free_port() for _ in range(5))
     upstream = f"http://127.0.0.1:{up}/v1"
-    quiet = {"THRIFTGATE_USAGE_LOG": os.devnull}
     runs: dict[str, list[dict]] = {"bare": [], "thriftgate": [], "thriftgate_2w": []}
     d, c = args.duration, args.connections
     with (
         static_upstream(up) as upstream_kind,
-        process(
-            [sys.executable, str(HERE / "bare_forwarder.py"), str(bare), upstream],
-            bare,
-            cpu=PROXY_CPU,
-        ) as bare_pid,
-        process(thriftgate(tg, upstream), tg, quiet, cpu=PROXY_CPU) as tg_pid,
-        process(thriftgate(tg2, upstream, workers=2), tg2, quiet) as tg2_pid,
+        bare_forwarder(bare, upstream) as bare_pid,
+        thriftgate(tg, upstream) as tg_pid,
+        thriftgate(tg2, upstream, workers=2, cpu=None) as tg2_pid,
     ):
         for port in (up, bare, tg, tg2):  # warm-up
             wrk(f"http://127.0.0.1:{port}", 1, c)
@@ -292,23 +287,14 @@ def main() -> int:
     rport, tgr = free_port(), free_port()
     with (
         static_upstream(up),
-        process(
-            [sys.executable, str(HERE / "bare_forwarder.py"), str(bare), upstream],
-            bare,
-            cpu=PROXY_CPU,
-        ) as bare_pid,
-        process(thriftgate(tg, upstream), tg, quiet, cpu=PROXY_CPU) as tg_pid,
+        bare_forwarder(bare, upstream) as bare_pid,
+        thriftgate(tg, upstream) as tg_pid,
         process(
             ["redis-server", "--port", str(rport), "--save", "", "--appendonly", "no"],
             rport,
             cpu=LOAD_CPU,
         ),
-        process(
-            thriftgate(tgr, upstream),
-            tgr,
-            {**quiet, "REDIS_URL": f"redis://127.0.0.1:{rport}/0"},
-            cpu=PROXY_CPU,
-        ) as tgr_pid,
+        thriftgate(tgr, upstream, REDIS_URL=f"redis://127.0.0.1:{rport}/0") as tgr_pid,
     ):
         same = "same_chat.lua"
         for port in (bare, tg, tgr):
@@ -327,12 +313,8 @@ def main() -> int:
     sse_upstream = f"http://127.0.0.1:{sse}/v1"
     with (
         process([sys.executable, str(HERE / "upstream.py"), str(sse)], sse, cpu=LOAD_CPU),
-        process(
-            [sys.executable, str(HERE / "bare_forwarder.py"), str(bare), sse_upstream],
-            bare,
-            cpu=PROXY_CPU,
-        ),
-        process(thriftgate(tg, sse_upstream), tg, quiet, cpu=PROXY_CPU),
+        bare_forwarder(bare, sse_upstream),
+        thriftgate(tg, sse_upstream),
     ):
         direct_ttfb = asyncio.run(ttfb(f"http://127.0.0.1:{sse}", args.ttfb_requests))
         bare_ttfb = asyncio.run(ttfb(f"http://127.0.0.1:{bare}", args.ttfb_requests))
