@@ -19,8 +19,10 @@ from proxy.cache import CacheStage
 from proxy.config import Settings
 from proxy.context import RequestContextStage, context_of
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable, error_middleware
+from proxy.keys import Keys
 from proxy.metrics import Metrics
 from proxy.pool import Pool
+from proxy.pricing import PriceTable
 from proxy.ratelimit import RateLimitStage
 from proxy.retry import RetryStage, Sleep
 from proxy.store import REDIS, redis_ctx
@@ -42,6 +44,7 @@ UPSTREAM: web.AppKey[Upstream] = web.AppKey("upstream", Upstream)
 POOL: web.AppKey[Pool] = web.AppKey("pool", Pool)
 USAGE_LOG: web.AppKey[UsageLog] = web.AppKey("usage_log", UsageLog)
 CACHE: web.AppKey[CacheStage] = web.AppKey("cache", CacheStage)
+BUDGET: web.AppKey[BudgetStage] = web.AppKey("budget", BudgetStage)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -114,19 +117,31 @@ def create_app(
     """Build the proxy. ``usage_stream`` receives the usage log (default: the configured sink);
     ``retry_sleep`` waits between retries (tests pass one that only records)."""
     metrics = Metrics()
+    prices = PriceTable(settings.prices)
     usage_log = (
-        UsageLog(usage_stream, enabled=settings.usage.enabled)
+        UsageLog(usage_stream, enabled=settings.usage.enabled, prices=prices)
         if usage_stream is not None
-        else UsageLog(_usage_sink(settings), enabled=settings.usage.enabled, owns_stream=True)
+        else UsageLog(
+            _usage_sink(settings), enabled=settings.usage.enabled, owns_stream=True, prices=prices
+        )
     )
     cache = CacheStage(settings.cache, metrics, follower_wait_s=settings.upstream.total_timeout_s)
+    keys = Keys(settings)
+    budget = BudgetStage(
+        Catalogue(settings.models),
+        keys,
+        prices,
+        settings.budget,
+        settings.optimize,
+        metrics,
+    )
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[
             error_middleware,  # outermost: any exception becomes OpenAI's error envelope
-            RequestContextStage(usage_log),  # request id, key fingerprint, parsed body, usage log
+            RequestContextStage(usage_log, keys),  # request id, key, parsed body, usage log
             cache,  # exact-match answers, single-flight
-            BudgetStage(Catalogue(settings.models)),  # tokens counted, context guard
+            budget,  # tokens counted, optimisations, context guard, per-key budgets
             RateLimitStage(settings),
             RetryStage(settings.retry, metrics, sleep=retry_sleep),
         ],
@@ -136,11 +151,14 @@ def create_app(
     app[STATE] = AppState(started=time.monotonic())
     app[USAGE_LOG] = usage_log
     app[CACHE] = cache
+    app[BUDGET] = budget
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(redis_ctx)
     app.on_startup.append(cache.startup)  # after the cleanup contexts: Redis is open
+    app.on_startup.append(budget.startup)
     app.on_shutdown.append(_mark_shutting_down)
     app.on_shutdown.append(cache.shutdown)
+    app.on_shutdown.append(budget.shutdown)
     app.on_cleanup.append(_flush_usage_log)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

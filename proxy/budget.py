@@ -1,22 +1,51 @@
-"""The token budget stage: tokens counted before the call, and the context guard.
+"""The token budget stage: tokens counted before the call, the context guard, optimisations, and
+per-key budgets.
 
-Every request to the optimised endpoints that reaches it (cache hits do not) is counted offline
-(``proxy.tokens``); the estimate goes to the client as ``x-thriftgate-prompt-tokens``. A chat or
-completion whose prompt plus requested output cannot fit the model's context window (from the
-catalogue) is refused with OpenAI's own ``context_length_exceeded`` error before any upstream
-call. Per-key budgets are still to come; until then this stage only counts and guards.
+For every request to the optimised endpoints that reaches it (cache hits do not, and cost
+nothing):
+
+1. the prompt is counted offline (``proxy.tokens``) and, when asked for, history is trimmed and an
+   output limit set (``proxy.optimize``);
+2. a chat or completion whose prompt plus requested output cannot fit the model's context window
+   is refused with OpenAI's own ``context_length_exceeded`` error before any upstream call;
+3. the key's budgets (tokens and USD, per UTC day and month) are charged the estimate — prompt
+   plus the requested output, or ``output_reserve_tokens`` when none is set — or the request is
+   refused with 429 ``insufficient_quota`` and ``x-should-retry: false``. When the answer has been
+   delivered the charge is settled to the usage the upstream reported, so concurrent requests can
+   overshoot a budget only by what their answers exceed their reservations.
+
+Budgets live in ``Counters``: in memory, or in Redis (one Lua script checks every window and
+charges them all atomically), falling back to memory while Redis is unavailable.
 """
 
 from __future__ import annotations
 
-from aiohttp import web
+import asyncio
+import calendar
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import orjson
+from aiohttp import web
+from redis.asyncio import Redis
+
+from proxy.config import BudgetSettings, OptimizeSettings
 from proxy.context import RequestContext, context_of
-from proxy.errors import ContextLengthExceeded
+from proxy.errors import ContextLengthExceeded, QuotaExceeded
+from proxy.keys import ANONYMOUS, Keys, Limits
+from proxy.metrics import Metrics
+from proxy.optimize import TRIM_HEADER, dynamic_max_tokens, trim_history, trim_keep
+from proxy.pricing import PriceTable
+from proxy.store import REDIS, RedisGuard
 from proxy.tokens import Catalogue, Count, count_request_async
 from proxy.types import Handler, Stage
+from proxy.usage import token_fields
 
 PROMPT_TOKENS_HEADER = "x-thriftgate-prompt-tokens"
+NANO = 1_000_000_000  # USD budgets are counted in nano-dollars (integers, exact in Lua)
 
 
 def requested_output(body: dict[str, object]) -> int:
@@ -27,9 +56,207 @@ def requested_output(body: dict[str, object]) -> int:
     return 0
 
 
+# -- counters ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    counter: str  # e.g. thriftgate:budget:3f1a2b3c4d5e:tokens:d20261122
+    limit: int  # 0: charged without a check
+    amount: int  # may be negative (a settlement giving back part of a reservation)
+    expires_at: float  # wall-clock seconds: the counter outlives its period by a day
+
+
+class Counters(Protocol):
+    name: str
+
+    async def take(self, charges: Sequence[Charge]) -> tuple[Counters, int | None, int]:
+        """Charge all of ``charges`` or none: (the counters that took them, the index of the
+        charge that did not fit or None, that counter's value)."""
+        ...
+
+    def add(self, charges: Sequence[Charge]) -> None:
+        """Charge without a check, now or shortly (settlements)."""
+        ...
+
+    async def drain(self) -> None: ...
+
+
+class MemoryCounters:
+    name = "memory"
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.values: dict[str, list[float]] = {}  # counter -> [value, expires_at]
+        self._sweep_at = 1024
+
+    def value(self, counter: str) -> int:
+        entry = self.values.get(counter)
+        if entry is None or entry[1] <= self.clock():
+            return 0
+        return int(entry[0])
+
+    async def take(self, charges: Sequence[Charge]) -> tuple[Counters, int | None, int]:
+        return self, *self.take_now(charges)
+
+    def take_now(self, charges: Sequence[Charge]) -> tuple[int | None, int]:
+        for i, charge in enumerate(charges):
+            used = self.value(charge.counter)
+            if charge.limit and used + charge.amount > charge.limit:
+                return i, used
+        self.add(charges)
+        return None, 0
+
+    def add(self, charges: Sequence[Charge]) -> None:
+        now = self.clock()
+        for charge in charges:
+            entry = self.values.get(charge.counter)
+            if entry is None or entry[1] <= now:
+                self.values[charge.counter] = [charge.amount, charge.expires_at]
+            else:
+                entry[0] += charge.amount
+        if len(self.values) > self._sweep_at:  # forget the periods that are over
+            self.values = {k: v for k, v in self.values.items() if v[1] > now}
+            self._sweep_at = max(1024, 2 * len(self.values))
+
+    async def drain(self) -> None:
+        return None
+
+
+# KEYS: counters. ARGV: limit, amount, expire-at (ms) for each. Checks every limited counter,
+# then charges all of them: {0, 0} when charged, {i, value} when counter i has no room.
+TAKE_LUA = """
+for i = 1, #KEYS do
+  local limit = tonumber(ARGV[3 * i - 2])
+  if limit > 0 then
+    local used = tonumber(redis.call('GET', KEYS[i]) or '0')
+    if used + tonumber(ARGV[3 * i - 1]) > limit then
+      return {i, used}
+    end
+  end
+end
+for i = 1, #KEYS do
+  redis.call('INCRBY', KEYS[i], ARGV[3 * i - 1])
+  redis.call('PEXPIREAT', KEYS[i], ARGV[3 * i])
+end
+return {0, 0}
+"""
+
+
+class RedisCounters:
+    """Counters in Redis, shared by every replica; in memory while Redis is unavailable."""
+
+    name = "redis"
+
+    def __init__(self, guard: RedisGuard, fallback: MemoryCounters) -> None:
+        self.guard = guard
+        self.fallback = fallback
+        self.script = guard.client.register_script(TAKE_LUA)  # EVALSHA, loaded on first use
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def _run(self, client: Redis, charges: Sequence[Charge]) -> list[int]:
+        args: list[int] = []
+        for c in charges:
+            args += (c.limit, c.amount, int(c.expires_at * 1000))
+        result = await self.script(keys=[c.counter for c in charges], args=args, client=client)
+        return [int(v) for v in result]
+
+    async def take(self, charges: Sequence[Charge]) -> tuple[Counters, int | None, int]:
+        result = await self.guard.call("budget", lambda c: self._run(c, charges), None)
+        if result is None:  # Redis unavailable: account locally (the guard has said so)
+            return await self.fallback.take(charges)
+        index, used = result
+        return self, (index - 1 if index else None), used
+
+    def add(self, charges: Sequence[Charge]) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self.guard.call("budget", lambda c: self._run(c, charges), None)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+# -- periods -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    unit: str  # tokens | usd
+    period: str  # day | month
+    limit: float  # tokens, or USD
+
+
+def period_of(now: float, period: str) -> tuple[str, float]:
+    """The UTC period containing ``now``: its label and when it ends (wall-clock seconds)."""
+    t = time.gmtime(now)
+    if period == "day":
+        start = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0))
+        return f"d{t.tm_year:04d}{t.tm_mon:02d}{t.tm_mday:02d}", start + 86400.0
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return f"m{t.tm_year:04d}{t.tm_mon:02d}", float(calendar.timegm((year, month, 1, 0, 0, 0)))
+
+
+def windows(limits: Limits) -> list[Window]:
+    candidates = [
+        Window("tokens", "day", limits.tokens_per_day),
+        Window("tokens", "month", limits.tokens_per_month),
+        Window("usd", "day", limits.usd_per_day),
+        Window("usd", "month", limits.usd_per_month),
+    ]
+    return [w for w in candidates if w.limit > 0]
+
+
+@dataclass(slots=True)
+class Reservation:
+    counters: Counters
+    charges: list[Charge]
+    units: list[str]  # the unit of each charge
+    tokens: int
+    usd_nano: int
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+# -- the stage -----------------------------------------------------------------------------------
+
+
 class BudgetStage(Stage):
-    def __init__(self, catalogue: Catalogue) -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        keys: Keys,
+        prices: PriceTable,
+        settings: BudgetSettings,
+        optimize: OptimizeSettings,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.catalogue = catalogue
+        self.keys = keys
+        self.prices = prices
+        self.settings = settings
+        self.optimize = optimize
+        self.metrics = metrics
+        self.clock = clock
+        self.counters: Counters = MemoryCounters(self.now)
+
+    def now(self) -> float:
+        return self.clock()  # looked up each time, so a test can swap the clock
+
+    async def startup(self, app: web.Application) -> None:
+        """Budgets in Redis when one is configured (falling back to memory while it is down)."""
+        guard = app[REDIS]
+        if guard is not None and self.keys.any_budget:
+            self.counters = RedisCounters(guard, MemoryCounters(self.now))
+
+    async def shutdown(self, app: web.Application) -> None:
+        await self.counters.drain()
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
@@ -37,11 +264,55 @@ class BudgetStage(Stage):
             return await handler(request)
         size = len(ctx.raw) if ctx.raw is not None else 0
         count = await count_request_async(ctx.endpoint, ctx.body, size)
+        if ctx.endpoint == "/v1/chat/completions":
+            count = await self._optimise(request, ctx, count)
         ctx.prompt_estimate = count.tokens
         self._guard(ctx, count)
+        ctx.output_limit = requested_output(ctx.body)
+        limits = self.keys.limits(ctx.key)
+        if limits.budgeted:
+            await self._reserve(ctx, limits)
         resp = await handler(request)
         resp.headers[PROMPT_TOKENS_HEADER] = str(count.tokens)
         return resp
+
+    # -- optimisations ---------------------------------------------------------------------------
+
+    async def _optimise(self, request: web.Request, ctx: RequestContext, count: Count) -> Count:
+        assert ctx.body is not None
+        body = ctx.body
+        done: dict[str, Any] = {}
+        keep = trim_keep(request.headers.get(TRIM_HEADER), self.optimize)
+        messages = body.get("messages")
+        if (
+            keep is not None
+            and isinstance(messages, list)
+            and count.tokens > self.optimize.trim_threshold_tokens
+        ):
+            kept = trim_history(messages, keep)
+            if len(kept) < len(messages):
+                body = {**body, "messages": kept}
+                before = count.tokens
+                count = await count_request_async(ctx.endpoint, body, size=len(ctx.raw or b""))
+                done.update(
+                    trim=f"last-{keep}",
+                    messages_dropped=len(messages) - len(kept),
+                    tokens_saved=before - count.tokens,
+                )
+        if self.optimize.dynamic_max_tokens:
+            limit = dynamic_max_tokens(
+                body, count.tokens, self.catalogue.lookup(ctx.model), self.optimize.max_tokens_cap
+            )
+            if limit is not None:
+                body = {**body, limit[0]: limit[1]}
+                done.update(max_tokens_field=limit[0], max_tokens=limit[1])
+        if done:
+            ctx.body = body
+            ctx.raw = orjson.dumps(body)
+            ctx.extra["optimized"] = done
+        return count
+
+    # -- the context guard -----------------------------------------------------------------------
 
     def _guard(self, ctx: RequestContext, count: Count) -> None:
         """Refuse what cannot fit, as OpenAI would: not when parts were estimated (an image of
@@ -63,3 +334,70 @@ class BudgetStage(Stage):
                 "completion.",
                 param="messages",
             )
+
+    # -- budgets ---------------------------------------------------------------------------------
+
+    async def _reserve(self, ctx: RequestContext, limits: Limits) -> None:
+        prompt = ctx.prompt_estimate or 0
+        output = 0
+        if ctx.endpoint != "/v1/embeddings":
+            output = ctx.output_limit or self.settings.output_reserve_tokens
+        tokens = prompt + output
+        usd = self.prices.estimate(ctx.model, prompt, output)
+        usd_nano = math.ceil(usd * NANO) if usd is not None else 0
+        now = self.clock()
+        key = ctx.key or ANONYMOUS
+        charges, units, wins = [], [], windows(limits)
+        for w in wins:
+            label, ends = period_of(now, w.period)
+            amount, limit = (
+                (tokens, int(w.limit)) if w.unit == "tokens" else (usd_nano, round(w.limit * NANO))
+            )
+            counter = f"{self.settings.redis_prefix}{key}:{w.unit}:{label}"
+            charges.append(Charge(counter, limit, amount, ends + 86400.0))
+            units.append(w.unit)
+        counters, refused, used = await self.counters.take(charges)
+        if refused is not None:
+            self._refuse(wins[refused], charges[refused], used, now, limits)
+        reservation = Reservation(counters, charges, units, tokens, usd_nano)
+        ctx.settlers.append(lambda c: self._settle(c, reservation))
+
+    def _refuse(self, w: Window, charge: Charge, used: int, now: float, limits: Limits) -> None:
+        rejected = self.metrics.budget_rejections
+        rejected[(w.unit, w.period)] = rejected.get((w.unit, w.period), 0) + 1
+        _, ends = period_of(now, w.period)
+        who = f"key {limits.alias!r}" if limits.alias else "this API key"
+        if w.unit == "tokens":
+            spent = f"{used:,} of {int(w.limit):,} tokens used"
+            need = f"an estimated {charge.amount:,} tokens"
+        else:
+            spent = f"${used / NANO:,.4f} of ${w.limit:,.2f} used"
+            need = f"an estimated ${charge.amount / NANO:,.4f}"
+        raise QuotaExceeded(
+            f"thriftgate: the {w.unit} budget per {w.period} of {who} is spent ({spent}; this "
+            f"request needs {need}). It resets at {_iso(ends)}. Ask your administrator to raise "
+            "the budget, or wait for the reset.",
+            headers={"x-should-retry": "false"},
+        )
+
+    def _settle(self, ctx: RequestContext, r: Reservation) -> None:
+        """Give back the reservation and charge what the call actually used: the upstream's usage;
+        nothing for an answer that failed; the prompt estimate when usage is unknown."""
+        fields = token_fields(ctx.usage)
+        status = ctx.status or 0
+        if fields["prompt_tokens"] is not None:
+            total = fields["total_tokens"] or 0
+            usd = self.prices.cost(ctx.model, fields)
+        elif status >= 400 and status != 499:
+            total, usd = 0, 0.0
+        else:
+            total = ctx.prompt_estimate or 0
+            usd = self.prices.estimate(ctx.model, total, 0)
+        actual_usd = math.ceil(usd * NANO) if usd is not None else r.usd_nano
+        deltas = []
+        for charge, unit in zip(r.charges, r.units, strict=True):
+            delta = total - r.tokens if unit == "tokens" else actual_usd - r.usd_nano
+            if delta:
+                deltas.append(Charge(charge.counter, 0, delta, charge.expires_at))
+        if deltas:
+            r.counters.add(deltas)

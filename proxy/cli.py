@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.config import ConfigError, Settings, load_settings
+from proxy.context import fingerprint
 from proxy.logs import configure_logging
 
 log = structlog.get_logger("thriftgate")
@@ -49,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
         "request", help="a JSON request body (chat, embeddings or completions); - for stdin"
     )
     tokens.add_argument("--model", help="count as this model (default: the body's model)")
+    fp = sub.add_parser(
+        "fingerprint", help="print an API key's fingerprint (for [keys] tables and usage logs)"
+    )
+    fp.add_argument("key", nargs="?", default="-", help="the key; - or nothing: read from stdin")
     return parser
 
 
@@ -59,10 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args, list(sys.argv[1:] if argv is None else argv))
     if args.command == "tokens":
         return count_tokens(args.request, args.model)
+    if args.command == "fingerprint":
+        return print_fingerprint(args.key)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
 def count_tokens(path: str, model: str | None) -> int:
+    from proxy.budget import requested_output
+    from proxy.pricing import PriceTable
     from proxy.tokens import count_request
 
     try:
@@ -90,6 +99,32 @@ def count_tokens(path: str, model: str | None) -> int:
     shown = model or body.get("model") or "unknown model"
     note = " (approximate)" if count.approximate else ""
     print(f"{count.tokens} prompt tokens{note}: {endpoint}, {shown}, {count.encoding}")
+    try:
+        prices = PriceTable(load_settings().prices)  # the config's [prices] too, when it has any
+    except ConfigError as exc:
+        print(f"thriftgate: {exc}", file=sys.stderr)
+        return 2
+    name = model or body.get("model")
+    cost = prices.estimate(name if isinstance(name, str) else None, count.tokens, 0)
+    if cost is not None:
+        line = f"estimated input cost: ${cost:.6f}"
+        output = requested_output(body)
+        if output:
+            most = prices.estimate(name if isinstance(name, str) else None, count.tokens, output)
+            line += f"; at most ${most:.6f} with {output} output tokens"
+        print(line)
+    return 0
+
+
+def print_fingerprint(key: str) -> int:
+    secret = sys.stdin.readline() if key == "-" else key
+    secret = secret.strip()
+    if secret.lower().startswith("bearer "):
+        secret = secret[7:].strip()
+    if not secret:
+        print("thriftgate: no key given", file=sys.stderr)
+        return 2
+    print(fingerprint(secret))
     return 0
 
 

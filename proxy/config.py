@@ -94,6 +94,83 @@ class RetrySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetSettings:
+    """Per-key spending limits (0: unlimited); ``[keys."..."]`` tables override them per key."""
+
+    tokens_per_day: int = 0
+    tokens_per_month: int = 0
+    usd_per_day: float = 0.0
+    usd_per_month: float = 0.0
+    output_reserve_tokens: int = 1024  # reserved for the answer of a request that sets no limit
+    redis_prefix: str = "thriftgate:budget:"
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizeSettings:
+    """Opt-in changes to requests (both change what is sent upstream)."""
+
+    dynamic_max_tokens: bool = False  # set an output limit on chat requests that have none
+    max_tokens_cap: int = 4096  # ...min(this, the context window left, the model's output limit)
+    trim: bool = False  # history trimming for every chat request (per request: x-thriftgate-trim)
+    trim_keep: int = 10  # the most recent messages kept (system/developer messages always are)
+    trim_threshold_tokens: int = 0  # trim only prompts larger than this
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    """Token buckets per key (0: unlimited); overrides in ``[keys."..."]``, globals per model in
+    ``[model_limits."pattern"]``."""
+
+    rpm: int = 0  # requests per minute, the refill rate...
+    rpm_burst: int = 0  # ...and the bucket's capacity (0: one minute's worth)
+    tpm: int = 0  # tokens per minute
+    tpm_burst: int = 0
+    mode: str = "reject"  # reject | queue
+    max_wait_s: float = 30.0  # queue mode: the longest a request waits for room
+    default_output_tokens: int = 1024  # charged for the answer of a request that sets no limit
+    expose_headers: bool = False  # x-ratelimit-* of the proxy's own buckets on successful answers
+    adaptive: bool = True  # hold requests back when the upstream says its limits are nearly spent
+    adaptive_min_remaining: float = 0.02  # ...below this fraction of the upstream's limit
+    redis_prefix: str = "thriftgate:rl:"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """A ``[keys."alias"]`` table: who a key is and its own limits (None: the default)."""
+
+    alias: str
+    fingerprint: str
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    usd_per_day: float | None = None
+    usd_per_month: float | None = None
+    rpm: int | None = None
+    rpm_burst: int | None = None
+    tpm: int | None = None
+    tpm_burst: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLimit:
+    """A ``[model_limits."pattern"]`` table: a bucket shared by every key for matching models
+    (the organisation's own upstream limits)."""
+
+    pattern: str
+    rpm: int = 0
+    tpm: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per 1M tokens (``[prices."model"]`` tables and ``prices.toml``)."""
+
+    name: str
+    input: float
+    output: float = 0.0
+    cached_input: float | None = None  # None: the input price
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     """A model's limits: the catalogue's entries and the config's ``[models."name"]`` tables."""
 
@@ -109,7 +186,12 @@ _SECTIONS: dict[str, type] = {
     "redis": RedisSettings,
     "cache": CacheSettings,
     "retry": RetrySettings,
+    "budget": BudgetSettings,
+    "optimize": OptimizeSettings,
+    "ratelimit": RateLimitSettings,
 }
+# sections made of named tables: [keys."alias"], [models."name"], [model_limits."p"], [prices."m"]
+_TABLES = ("keys", "models", "model_limits", "prices")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +202,12 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     retry: RetrySettings = field(default_factory=RetrySettings)
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
+    optimize: OptimizeSettings = field(default_factory=OptimizeSettings)
+    ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    keys: tuple[KeyPolicy, ...] = ()
+    model_limits: tuple[ModelLimit, ...] = ()
+    prices: tuple[Price, ...] = ()  # additions to / overrides of the shipped price table
     upstreams: tuple[UpstreamTarget, ...] = ()  # empty: the one upstream.url
     models: tuple[ModelInfo, ...] = ()  # additions to / overrides of the shipped catalogue
     config_file: str | None = None
@@ -165,6 +253,16 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("retry", "enabled"): ("THRIFTGATE_RETRY",),
     ("retry", "max_attempts"): ("THRIFTGATE_RETRY_MAX_ATTEMPTS",),
     ("retry", "deadline_s"): ("THRIFTGATE_RETRY_DEADLINE_S",),
+    ("budget", "tokens_per_day"): ("THRIFTGATE_TOKENS_PER_DAY",),
+    ("budget", "tokens_per_month"): ("THRIFTGATE_TOKENS_PER_MONTH",),
+    ("budget", "usd_per_day"): ("THRIFTGATE_USD_PER_DAY",),
+    ("budget", "usd_per_month"): ("THRIFTGATE_USD_PER_MONTH",),
+    ("optimize", "dynamic_max_tokens"): ("THRIFTGATE_DYNAMIC_MAX_TOKENS",),
+    ("optimize", "trim"): ("THRIFTGATE_TRIM",),
+    ("ratelimit", "rpm"): ("THRIFTGATE_RPM",),
+    ("ratelimit", "tpm"): ("THRIFTGATE_TPM",),
+    ("ratelimit", "mode"): ("THRIFTGATE_RATE_LIMIT_MODE",),
+    ("ratelimit", "max_wait_s"): ("THRIFTGATE_RATE_LIMIT_MAX_WAIT_S",),
 }
 
 # command-line flag name -> (section, key)
@@ -247,11 +345,11 @@ def _read_file(path: str) -> dict[str, Any]:
             if not isinstance(values, list) or not all(isinstance(v, dict) for v in values):
                 raise ConfigError(f"{path}: upstreams must be an array of tables ([[upstreams]])")
             continue
-        if section == "models":
+        if section in _TABLES:
             if not isinstance(values, dict) or not all(
                 isinstance(v, dict) for v in values.values()
             ):
-                raise ConfigError(f'{path}: models must be tables ([models."name"])')
+                raise ConfigError(f'{path}: {section} must be tables ([{section}."name"])')
             continue
         if section not in _SECTIONS:
             known = ", ".join(sorted(_SECTIONS))
@@ -283,6 +381,54 @@ def parse_models(where: str, tables: dict[str, Any]) -> tuple[ModelInfo, ...]:
         if window < 1 or output < 0:
             raise ConfigError(f"{where}: models.{name}: limits must be positive")
         out.append(ModelInfo(name, window, output))
+    return tuple(out)
+
+
+def _table(where: str, cls: type, fixed: dict[str, Any], table: dict[str, Any]) -> Any:
+    """One named table as a ``cls``: unknown keys refused, values coerced to the field types."""
+    hints = _field_types(cls)
+    allowed = set(hints) - set(fixed)
+    unknown = set(table) - allowed
+    if unknown:
+        known = ", ".join(sorted(allowed))
+        raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]} (known: {known})")
+    values = {k: _coerce(f"{where}.{k}", v, hints[k]) for k, v in table.items()}
+    for key, value in values.items():
+        if isinstance(value, int | float) and value < 0:
+            raise ConfigError(f"{where}.{key}: must not be negative")
+    return cls(**fixed, **values)
+
+
+_FINGERPRINT = frozenset("0123456789abcdef")
+
+
+def parse_keys(where: str, tables: dict[str, Any]) -> tuple[KeyPolicy, ...]:
+    """``[keys."alias"]`` tables; ``fingerprint`` defaults to the alias when that is one."""
+    out = []
+    for alias, table in tables.items():
+        table = dict(table)
+        fp = str(table.pop("fingerprint", alias)).lower()
+        if len(fp) != 12 or not set(fp) <= _FINGERPRINT:
+            raise ConfigError(
+                f"{where}: keys.{alias}.fingerprint: {fp!r} is not a key fingerprint (12 hex "
+                "digits: the first of the key's SHA-256; `thriftgate fingerprint` prints it)"
+            )
+        out.append(
+            _table(f"{where}: keys.{alias}", KeyPolicy, {"alias": alias, "fingerprint": fp}, table)
+        )
+    fps = [k.fingerprint for k in out]
+    if len(set(fps)) != len(fps):
+        raise ConfigError(f"{where}: two [keys] tables name the same fingerprint")
+    return tuple(out)
+
+
+def parse_prices(where: str, tables: dict[str, Any]) -> tuple[Price, ...]:
+    """``{"model": {"input": 2.5, "cached_input": 1.25, "output": 10}}`` (USD per 1M tokens)."""
+    out = []
+    for name, table in tables.items():
+        if "input" not in table:
+            raise ConfigError(f"{where}: prices.{name}: input is required")
+        out.append(_table(f"{where}: prices.{name}", Price, {"name": name}, table))
     return tuple(out)
 
 
@@ -322,11 +468,20 @@ def load_settings(
     where: dict[tuple[str, str], str] = {}
     targets: tuple[UpstreamTarget, ...] = ()
     models: tuple[ModelInfo, ...] = ()
+    keys: tuple[KeyPolicy, ...] = ()
+    model_limits: tuple[ModelLimit, ...] = ()
+    prices: tuple[Price, ...] = ()
 
     if path:
         data = _read_file(path)
         targets = tuple(_target(path, i, t) for i, t in enumerate(data.pop("upstreams", [])))
         models = parse_models(path, data.pop("models", {}))
+        keys = parse_keys(path, data.pop("keys", {}))
+        model_limits = tuple(
+            _table(f"{path}: model_limits.{p}", ModelLimit, {"pattern": p}, t)
+            for p, t in data.pop("model_limits", {}).items()
+        )
+        prices = parse_prices(path, data.pop("prices", {}))
         for section, values in data.items():
             for key, value in values.items():
                 raw[section][key] = value
@@ -356,7 +511,15 @@ def load_settings(
             for key, value in raw[name].items()
         }
         sections[name] = cls(**values)
-    settings = Settings(**sections, upstreams=targets, models=models, config_file=path)
+    settings = Settings(
+        **sections,
+        keys=keys,
+        model_limits=model_limits,
+        prices=prices,
+        upstreams=targets,
+        models=models,
+        config_file=path,
+    )
     _validate(settings, where)
     return settings
 
@@ -408,3 +571,12 @@ def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
         fail("cache", "local_max_bytes", "must not be negative")
     if s.cache.max_bytes < 1 or s.cache.max_entry_bytes < 1:
         fail("cache", "max_bytes", "sizes must be positive")
+    for section in ("budget", "optimize", "ratelimit"):
+        for f in dataclasses.fields(_SECTIONS[section]):
+            value = getattr(getattr(s, section), f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+                fail(section, f.name, "must not be negative")
+    if s.optimize.trim_keep < 1:
+        fail("optimize", "trim_keep", "must be at least 1")
+    if s.ratelimit.mode not in {"reject", "queue"}:
+        fail("ratelimit", "mode", f"{s.ratelimit.mode!r} is not one of reject, queue")

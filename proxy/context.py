@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from proxy.types import SETTINGS, Handler, Stage
 from proxy.upstream import Outcome, Reply
 
 if TYPE_CHECKING:
+    from proxy.keys import Keys
     from proxy.usage import UsageLog
 
 # POST endpoints whose JSON body the chain parses (cache, tokens, budgets, rate limits).
@@ -56,6 +58,7 @@ class RequestContext:
     method: str
     endpoint: str
     key: str | None
+    key_alias: str | None = None
     organization: str | None = None
     project: str | None = None
     optimised: bool = False
@@ -70,6 +73,7 @@ class RequestContext:
     retry_wait_ms: float = 0.0
     upstream: str | None = None  # the name of the upstream that answered (the last one tried)
     prompt_estimate: int | None = None  # tokens counted before the call
+    output_limit: int | None = None  # the output tokens the request asks for at most (0: no limit)
     tried: tuple[str, ...] = ()
     upstream_request_id: str | None = None
     usage: dict[str, Any] | None = None
@@ -78,6 +82,8 @@ class RequestContext:
     ttft_ms: float | None = None
     latency_ms: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # called once the outcome (status, usage) is known: budgets and rate limits settle here
+    settlers: list[Callable[[RequestContext], None]] = field(default_factory=list)
 
     def elapsed_ms(self, at: float | None = None) -> float:
         return round(((at if at is not None else time.monotonic()) - self.started) * 1000, 3)
@@ -96,8 +102,9 @@ def context_of(request: web.Request) -> RequestContext | None:
 class RequestContextStage(Stage):
     """Builds the request context, binds the log context and reports each outcome once."""
 
-    def __init__(self, usage_log: UsageLog) -> None:
+    def __init__(self, usage_log: UsageLog, keys: Keys) -> None:
         self.usage_log = usage_log
+        self.keys = keys
         # request ids: a random per-process prefix and a counter (unique, and cheap to make)
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
@@ -114,6 +121,7 @@ class RequestContextStage(Stage):
             organization=request.headers.get("OpenAI-Organization"),
             project=request.headers.get("OpenAI-Project"),
         )
+        ctx.key_alias = self.keys.alias(ctx.key)
         request[CTX] = ctx
         # aiohttp runs each request in a task of its own (a copy of the connection's context),
         # so what is bound here never leaks into the next request: no need to clear first.
@@ -175,6 +183,7 @@ class RequestContextStage(Stage):
         if outcome.error is not None:
             ctx.error = outcome.error
         ctx.latency_ms = ctx.elapsed_ms(done)
+        self._settle(ctx)
         self.usage_log.write(ctx)
 
     def _close(self, ctx: RequestContext, status: int, error: str | None) -> None:
@@ -182,4 +191,14 @@ class RequestContextStage(Stage):
         if error is not None:
             ctx.error = error
         ctx.latency_ms = ctx.elapsed_ms()
+        self._settle(ctx)
         self.usage_log.write(ctx)
+
+    @staticmethod
+    def _settle(ctx: RequestContext) -> None:
+        settlers, ctx.settlers = ctx.settlers, []
+        for settle in settlers:
+            try:
+                settle(ctx)
+            except Exception:  # a settlement never breaks the response or the usage log
+                structlog.get_logger("thriftgate").exception("settle_failed")

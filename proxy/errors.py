@@ -55,6 +55,14 @@ class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
 
 
+class QuotaExceeded(ProxyError):
+    """A key's budget is spent: OpenAI's own 429 for an exhausted quota (not worth retrying)."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class UpstreamUnavailable(ProxyError):
     status = 502
     code = "upstream_unavailable"

@@ -30,6 +30,7 @@ class Metrics:
         self.retries: dict[str, int] = {}  # by reason: status_503, connection, timeout
         self.breaker_transitions: dict[tuple[str, str], int] = {}  # (upstream, to state)
         self.upstreams: list[Target] = []
+        self.budget_rejections: dict[tuple[str, str], int] = {}  # (tokens|usd, day|month)
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
 
@@ -97,4 +98,10 @@ class _Collector(Collector):
             "Circuit breaker transitions, by upstream and the state entered",
             ["upstream", "to"],
             self.m.breaker_transitions,
+        )
+        yield _counter(
+            "thriftgate_budget_rejections",
+            "Requests refused because a key's budget was spent, by unit and period",
+            ["unit", "period"],
+            self.m.budget_rejections,
         )

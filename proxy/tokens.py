@@ -24,6 +24,7 @@ import tiktoken
 import tiktoken.model
 
 from proxy.config import ModelInfo, parse_models
+from proxy.types import PrefixTable
 
 ENDOFTEXT = "<|endoftext|>"
 FIM_PREFIX = "<|fim_prefix|>"
@@ -276,18 +277,7 @@ class Catalogue:
 
     def __init__(self, overrides: tuple[ModelInfo, ...] = ()) -> None:
         data = tomllib.loads(resources.files("proxy").joinpath("data", "models.toml").read_text())
-        self.models = {m.name: m for m in parse_models("models.toml", data.get("models", {}))}
-        self.models.update({m.name: m for m in overrides})
-        self._by_length = sorted(self.models, key=len, reverse=True)
-
-    @functools.lru_cache(maxsize=1024)  # noqa: B019 - one catalogue per app, a bounded cache
-    def lookup(self, model: str | None) -> ModelInfo | None:
-        if not model:
-            return None
-        found = self.models.get(model)
-        if found is not None:
-            return found
-        for name in self._by_length:
-            if model.startswith(name):
-                return self.models[name]
-        return None
+        models = {m.name: m for m in parse_models("models.toml", data.get("models", {}))}
+        models.update({m.name: m for m in overrides})
+        self.models = models
+        self.lookup = PrefixTable(models).lookup

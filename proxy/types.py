@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from aiohttp import web
 
 if TYPE_CHECKING:
     from proxy.config import Settings
     from proxy.metrics import Metrics
+
+T = TypeVar("T")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -26,3 +28,27 @@ class Stage:
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
+
+
+class PrefixTable(Generic[T]):
+    """Entries by model name: an exact match, else the longest listed prefix, so dated names
+    find their family (``gpt-4o-2024-08-06`` → ``gpt-4o``). Lookups are remembered (bounded)."""
+
+    def __init__(self, entries: dict[str, T]) -> None:
+        self.entries = entries
+        self._by_length = sorted(entries, key=len, reverse=True)
+        self._seen: dict[str, T | None] = {}
+
+    def lookup(self, name: str | None) -> T | None:
+        if not name:
+            return None
+        try:
+            return self._seen[name]
+        except KeyError:
+            pass
+        found = self.entries.get(name)
+        if found is None:
+            found = next((self.entries[p] for p in self._by_length if name.startswith(p)), None)
+        if len(self._seen) < 4096:
+            self._seen[name] = found
+        return found

@@ -40,7 +40,12 @@ HOP_BY_HOP = frozenset(
 # An answer of known length up to this size is read whole and sent in one write (not a stream).
 SMALL_BODY = 256 * 1024
 # thriftgate's own request headers: instructions to the proxy, not sent upstream.
-CONTROL_HEADERS = ("X-Thriftgate-Cache-Ttl", "X-Thriftgate-Max-Retries")
+CONTROL_HEADERS = (
+    "X-Thriftgate-Cache-Ttl",
+    "X-Thriftgate-Max-Retries",
+    "X-Thriftgate-Trim",
+    "X-Thriftgate-Tags",
+)
 # Headers aiohttp's client would otherwise add on its own: a transparent proxy adds nothing.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 

@@ -16,6 +16,7 @@ import orjson
 import structlog
 
 from proxy.context import RequestContext
+from proxy.pricing import PriceTable
 from proxy.upstream import DoneCallback, Outcome, Reply
 
 log = structlog.get_logger("thriftgate.usage")
@@ -192,9 +193,15 @@ class UsageLog:
     """
 
     def __init__(
-        self, stream: IO[bytes] | None, *, enabled: bool = True, owns_stream: bool = False
+        self,
+        stream: IO[bytes] | None,
+        *,
+        enabled: bool = True,
+        owns_stream: bool = False,
+        prices: PriceTable | None = None,
     ) -> None:
         self.enabled = enabled and stream is not None
+        self.prices = prices
         self._stream = stream
         self._owns_stream = owns_stream
         self._pending: list[bytes] = []
@@ -212,23 +219,29 @@ class UsageLog:
         return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
 
     def record(self, ctx: RequestContext) -> dict[str, Any]:
+        tokens = token_fields(ctx.usage)
+        cost = self.prices.cost(ctx.model, tokens) if self.prices is not None else None
+        saved = None
+        if ctx.cache == "hit" and cost is not None:
+            cost, saved = 0.0, cost  # a hit costs nothing; it saved what the original answer cost
         return {
             "ts": self._ts(),
             "request_id": ctx.request_id,
             "upstream_request_id": ctx.upstream_request_id,
             "upstream": ctx.upstream,
             "key": ctx.key,
+            "key_alias": ctx.key_alias,
             "method": ctx.method,
             "endpoint": ctx.endpoint,
             "model": ctx.model,
             "stream": ctx.stream,
             "status": ctx.status,
             "cache": ctx.cache,
-            **token_fields(ctx.usage),
+            **tokens,
             "tokens_source": "upstream" if ctx.usage else None,
             "prompt_tokens_estimate": ctx.prompt_estimate,
-            "cost_usd": None,  # filled in once pricing lands
-            "saved_usd": None,
+            "cost_usd": cost,
+            "saved_usd": saved,
             "latency_ms": ctx.latency_ms,
             "ttft_ms": ctx.ttft_ms,
             "upstream_ms": ctx.upstream_ms,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import calendar
+import time
 from pathlib import Path
 from typing import Any
 
@@ -9,19 +12,31 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from conftest import API_KEY, MakeProxy, Proxy
-from fake_openai import FakeOpenAI
+import redis.asyncio as redis
+from conftest import API_KEY, MakeProxy, Proxy, RedisServer
+from fake_openai import FakeOpenAI, Fault
 
 from proxy import tokens
+from proxy.app import BUDGET
+from proxy.budget import MemoryCounters, RedisCounters, period_of
 from proxy.config import ConfigError, ModelInfo, load_settings
+from proxy.context import fingerprint
 from proxy.tokens import Catalogue
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Cache-Control": "no-store"}
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def post(proxy: Proxy, body: dict[str, Any], path: str = "/v1/chat/completions") -> Any:
-    async with aiohttp.ClientSession() as s, s.post(proxy.url + path, json=body, headers=AUTH) as r:
+async def post(
+    proxy: Proxy,
+    body: dict[str, Any],
+    path: str = "/v1/chat/completions",
+    headers: dict[str, str] | None = None,
+) -> Any:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(proxy.url + path, json=body, headers=headers or AUTH) as r,
+    ):
         return r.status, r.headers, orjson.loads(await r.read())
 
 
@@ -131,3 +146,193 @@ def test_bad_model_tables(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as caught:
             load_settings(env={}, config_file=str(cfg))
         assert message in str(caught.value)
+
+
+# -- per-key budgets -----------------------------------------------------------------------------
+
+FP = fingerprint(API_KEY)
+NO_RETRY = {**AUTH, "x-thriftgate-max-retries": "0"}
+
+
+def reservation(body: dict[str, Any]) -> int:
+    return tokens.count_request("/v1/chat/completions", body).tokens + body["max_tokens"]
+
+
+def spent(proxy: Proxy, unit: str = "tokens", period: str = "day", key: str = FP) -> int:
+    stage = proxy.app[BUDGET]
+    label, _ = period_of(stage.clock(), period)
+    counters = stage.counters
+    assert isinstance(counters, MemoryCounters)
+    return counters.value(f"thriftgate:budget:{key}:{unit}:{label}")
+
+
+async def test_budget_spent_gives_openais_429_and_no_upstream_call(
+    make_proxy: MakeProxy, fake: FakeOpenAI
+) -> None:
+    body = chat("gpt-4o", 20, max_tokens=50)
+    proxy = await make_proxy(env={"THRIFTGATE_TOKENS_PER_DAY": str(2 * reservation(body) + 10)})
+    assert (await post(proxy, body))[0] == 200
+    used = spent(proxy)
+    assert used == (await proxy.usage.wait(1))[-1]["total_tokens"]  # settled to the actual usage
+    assert (await post(proxy, body))[0] == 200
+    status, headers, payload = await post(proxy, body)
+    assert status == 429
+    assert headers["x-should-retry"] == "false"
+    error = payload["error"]
+    assert (error["type"], error["code"], error["param"]) == (
+        "insufficient_quota",
+        "insufficient_quota",
+        None,
+    )
+    assert "tokens budget per day" in error["message"] and "resets at" in error["message"]
+    assert fake.calls("/v1/chat/completions") == 2
+    record = (await proxy.usage.wait(3))[-1]
+    assert (record["status"], record["error"]) == (429, "insufficient_quota")
+    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/metrics") as r:
+        metrics = await r.text()
+    assert 'thriftgate_budget_rejections_total{period="day",unit="tokens"} 1.0' in metrics
+
+
+async def test_the_sdk_does_not_retry_a_spent_budget(
+    make_proxy: MakeProxy, fake: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(env={"THRIFTGATE_TOKENS_PER_DAY": "5"})
+    async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY) as client:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.chat.completions.create(**chat("gpt-4o", 20))
+    assert caught.value.code == "insufficient_quota"
+    assert len(proxy.usage.records()) == 1  # one attempt: x-should-retry: false was honoured
+    assert fake.calls() == 0
+
+
+async def test_budget_resets_at_the_utc_day_and_month(
+    make_proxy: MakeProxy, fake: FakeOpenAI
+) -> None:
+    body = chat("gpt-4o", 20, max_tokens=50)
+    per_request = reservation(body)
+    limit = str(per_request + 10)
+    proxy = await make_proxy(
+        env={"THRIFTGATE_TOKENS_PER_DAY": limit, "THRIFTGATE_TOKENS_PER_MONTH": limit}
+    )
+    now = [calendar.timegm((2026, 11, 30, 23, 59, 0))]
+    proxy.app[BUDGET].clock = lambda: now[0]
+    assert (await post(proxy, body))[0] == 200
+    status, _, payload = await post(proxy, body)
+    assert status == 429 and "budget per day" in payload["error"]["message"]
+    assert "resets at 2026-12-01T00:00:00Z" in payload["error"]["message"]
+    now[0] += 120  # 2026-12-01 00:01 UTC: a new day and a new month
+    assert (await post(proxy, body))[0] == 200
+    now[0] = calendar.timegm((2026, 12, 2, 0, 0, 1))  # a new day; the month's budget is spent
+    status, _, payload = await post(proxy, body)
+    assert status == 429 and "budget per month" in payload["error"]["message"]
+    assert "resets at 2027-01-01T00:00:00Z" in payload["error"]["message"]
+    assert fake.calls() == 2
+
+
+async def test_fifty_concurrent_requests_cannot_overshoot(
+    make_proxy: MakeProxy, fake: FakeOpenAI
+) -> None:
+    body = chat("gpt-4o", 20, max_tokens=50)
+    per_request = reservation(body)
+    limit = 10 * per_request + per_request // 2
+    proxy = await make_proxy(env={"THRIFTGATE_TOKENS_PER_DAY": str(limit)})
+    fake.hold = asyncio.Event()  # every admitted request stays in flight until released
+    tasks = [asyncio.create_task(post(proxy, body, headers=NO_RETRY)) for _ in range(50)]
+    try:
+        async with asyncio.timeout(10):
+            while sum(t.done() for t in tasks) < 40:
+                await asyncio.wait(
+                    [t for t in tasks if not t.done()], return_when="FIRST_COMPLETED"
+                )
+        await asyncio.wait_for(fake.held.wait(), 5)  # 40 refused, the others all in flight
+    finally:
+        fake.hold.set()
+    results = await asyncio.gather(*tasks)
+    assert sorted(status for status, _, _ in results) == [200] * 10 + [429] * 40
+    assert fake.calls() == 10
+    records = await proxy.usage.wait(50)
+    actual = sum(r["total_tokens"] for r in records if r["status"] == 200)
+    assert actual <= limit
+    assert spent(proxy) == actual  # every reservation settled to what the upstream reported
+
+
+async def test_failed_calls_give_the_reservation_back(
+    make_proxy: MakeProxy, fake: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(env={"THRIFTGATE_TOKENS_PER_DAY": "100000"})
+    fake.fail_next(Fault(status=500))
+    assert (await post(proxy, chat("gpt-4o", 20), headers=NO_RETRY))[0] == 500
+    await proxy.usage.wait(1)
+    assert spent(proxy) == 0
+
+
+async def test_usd_budget_and_per_key_overrides(
+    make_proxy: MakeProxy, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    other = "sk-other-key-000000000"
+    cfg = tmp_path / "keys.toml"
+    cfg.write_text(
+        "[budget]\nusd_per_day = 1000.0\n"
+        f'[keys."ci-bot"]\nfingerprint = "{FP}"\nusd_per_day = 0.0001\n'
+    )
+    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": str(cfg)})
+    body = chat("gpt-4o", 20)  # reserves 1024 output tokens: $0.01 at gpt-4o's price
+    status, _, payload = await post(proxy, body)
+    assert status == 429
+    assert "usd budget per day of key 'ci-bot'" in payload["error"]["message"]
+    assert "$0.00 of $0.00 used" not in payload["error"]["message"]
+    status, _, _ = await post(proxy, body, headers={**AUTH, "Authorization": f"Bearer {other}"})
+    assert status == 200
+    records = await proxy.usage.wait(2)
+    assert records[0]["key_alias"] == "ci-bot" and records[1]["key_alias"] is None
+    assert spent(proxy, "usd", key=fingerprint(other)) == round(records[1]["cost_usd"] * 1e9)
+    assert API_KEY not in proxy.usage.getvalue().decode()
+
+
+async def test_two_instances_share_a_budget_through_redis(
+    make_proxy: MakeProxy, fake: FakeOpenAI, redis_url: str
+) -> None:
+    body = chat("gpt-4o", 20, max_tokens=50)
+    env = {"REDIS_URL": redis_url, "THRIFTGATE_TOKENS_PER_DAY": str(3 * reservation(body))}
+    a, b = await make_proxy(env=env), await make_proxy(env=env)
+    admitted = 0
+    for turn in range(20):  # alternate between the instances until the budget is spent
+        proxy = (a, b)[turn % 2]
+        status = (await post(proxy, body))[0]
+        await proxy.usage.wait(turn // 2 + 1)
+        await proxy.app[BUDGET].counters.drain()  # the settlement has reached Redis
+        if status == 429:
+            break
+        admitted += 1
+    assert admitted >= 3
+    other = (a, b)[(turn + 1) % 2]
+    assert (await post(other, body))[0] == 429  # the other instance sees the same spent budget
+    label, _ = period_of(time.time(), "day")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stored = int(await client.get(f"thriftgate:budget:{FP}:tokens:{label}"))
+        ttl = await client.pttl(f"thriftgate:budget:{FP}:tokens:{label}")
+    finally:
+        await client.aclose()
+    assert 0 < ttl <= 2 * 86400 * 1000
+    records = [*a.usage.records(), *b.usage.records()]
+    assert stored == sum(r["total_tokens"] for r in records if r["status"] == 200)
+
+
+async def test_redis_gone_means_local_accounting(
+    make_proxy: MakeProxy, fake: FakeOpenAI, redis_url: str, redis_server: RedisServer
+) -> None:
+    body = chat("gpt-4o", 20, max_tokens=50)
+    env = {"REDIS_URL": redis_url, "THRIFTGATE_TOKENS_PER_DAY": str(2 * reservation(body))}
+    proxy = await make_proxy(env=env)
+    assert (await post(proxy, body))[0] == 200
+    redis_server.kill()
+    assert (await post(proxy, body))[0] == 200  # served, and counted in memory
+    assert (await post(proxy, body))[0] == 200
+    assert (await post(proxy, body))[0] == 429  # the local count enforces the budget too
+    counters = proxy.app[BUDGET].counters
+    assert isinstance(counters, RedisCounters)
+    label, _ = period_of(time.time(), "day")
+    assert counters.fallback.value(f"thriftgate:budget:{FP}:tokens:{label}") > 0
+    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/readyz") as r:
+        assert (await r.json())["redis"]["status"] == "degraded"

@@ -108,3 +108,49 @@ def test_bad_files_say_where(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(env={"THRIFTGATE_CONFIG": "/nonexistent/x.toml"})
+
+
+def test_budget_and_rate_limit_env_for_sidecars() -> None:
+    s = load_settings(
+        env={
+            "THRIFTGATE_TOKENS_PER_DAY": "100000",
+            "THRIFTGATE_TOKENS_PER_MONTH": "2000000",
+            "THRIFTGATE_USD_PER_DAY": "5",
+            "THRIFTGATE_USD_PER_MONTH": "100.5",
+            "THRIFTGATE_RPM": "60",
+            "THRIFTGATE_TPM": "90000",
+            "THRIFTGATE_RATE_LIMIT_MODE": "queue",
+        }
+    )
+    assert (s.budget.tokens_per_day, s.budget.tokens_per_month) == (100000, 2000000)
+    assert (s.budget.usd_per_day, s.budget.usd_per_month) == (5.0, 100.5)
+    assert (s.ratelimit.rpm, s.ratelimit.tpm, s.ratelimit.mode) == (60, 90000, "queue")
+    with pytest.raises(ConfigError, match="THRIFTGATE_TOKENS_PER_DAY"):
+        load_settings(env={"THRIFTGATE_TOKENS_PER_DAY": "-1"})
+    with pytest.raises(ConfigError, match="THRIFTGATE_RATE_LIMIT_MODE"):
+        load_settings(env={"THRIFTGATE_RATE_LIMIT_MODE": "drop"})
+
+
+def test_key_tables(tmp_path: Path) -> None:
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(
+        '[keys."ci-bot"]\nfingerprint = "0123456789AB"\ntokens_per_day = 10\nrpm = 5\n'
+        '[keys."abcdefabcdef"]\nusd_per_month = 2.5\n'
+    )
+    s = load_settings(env={}, config_file=str(cfg))
+    assert [(k.alias, k.fingerprint, k.tokens_per_day, k.rpm) for k in s.keys] == [
+        ("ci-bot", "0123456789ab", 10, 5),
+        ("abcdefabcdef", "abcdefabcdef", None, None),
+    ]
+    for text, message in [
+        ('[keys."ci"]\ntokens_per_day = 1\n', "is not a key fingerprint"),
+        ('[keys."ci"]\nfingerprint = "0123456789ab"\nspeed = 1\n', "unknown setting speed"),
+        ('[keys."ci"]\nfingerprint = "0123456789ab"\nrpm = -3\n', "must not be negative"),
+        (
+            '[keys."a"]\nfingerprint = "0123456789ab"\n[keys."b"]\nfingerprint = "0123456789ab"\n',
+            "same fingerprint",
+        ),
+    ]:
+        cfg.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_settings(env={}, config_file=str(cfg))

@@ -10,6 +10,7 @@ import pytest
 import tiktoken_ext.openai_public as public
 
 from proxy import tokens
+from proxy.context import fingerprint
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "tiktoken"
 
@@ -241,11 +242,33 @@ def test_tokens_cli(tmp_path: Path) -> None:
         text=True,
     )
     assert out.stdout.startswith("124 prompt tokens")
+    # gpt-4o: $2.50 per 1M input tokens, $10 per 1M output
+    assert "estimated input cost: $0.000310" in out.stdout
+    request.write_text(json.dumps({"model": "gpt-4o", "messages": JARGON, "max_tokens": 1000}))
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "tokens", str(request)], capture_output=True, text=True
+    )
+    assert "at most $0.010310 with 1000 output tokens" in out.stdout
     request.write_text("[1, 2]")
     bad = subprocess.run(
         [sys.executable, "-m", "proxy", "tokens", str(request)], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "must hold a JSON object" in bad.stderr
+
+
+def test_fingerprint_cli() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "fingerprint"],
+        input="Bearer sk-test-0123456789abcdef\n",
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0
+    assert out.stdout.strip() == fingerprint("sk-test-0123456789abcdef")
+    assert "sk-test" not in out.stdout + out.stderr
 
 
 def test_one_token_roles() -> None:
