@@ -4,18 +4,30 @@
 
 Measures a 100k-token prompt (tokens per second) and a typical 1k-token chat (per request), each
 counted by ``proxy.tokens.count_request`` (the recipe: per-message overhead, names, parts) and by
-a bare ``encoding.encode`` of the same text. Prints the overhead of the recipe over raw encode.
+a bare ``encoding.encode`` of the same text. Prints the overhead of the recipe over raw encode, and
+of the whole budget stage (counting, context guard, a per-key budget reserved and settled in
+memory) over raw encode.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import statistics
 import time
 from collections.abc import Callable
 
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+
 from proxy import tokens
+from proxy.budget import BudgetStage
+from proxy.config import load_settings
+from proxy.context import CTX, RequestContext
+from proxy.keys import Keys
+from proxy.metrics import Metrics
+from proxy.pricing import PriceTable
 
 WORDS = [
     "the",
@@ -93,6 +105,8 @@ def main() -> int:
         / loops
     )
 
+    stage_chat = asyncio.run(stage_per_request(chat_body, loops))
+
     print(
         f"100k-token prompt ({n_big} tokens): raw encode {n_big / raw_big:,.0f} tokens/s, "
         f"count_request {n_big / ours_big:,.0f} tokens/s, overhead "
@@ -103,7 +117,49 @@ def main() -> int:
         f"{raw_chat * 1e6:.0f} us, count_request {ours_chat * 1e6:.0f} us, overhead "
         f"{(ours_chat / raw_chat - 1) * 100:+.1f}%"
     )
+    print(
+        f"budget stage per chat request (count, guard, reserve, settle): "
+        f"{stage_chat * 1e6:.0f} us, "
+        f"overhead over raw encode {(stage_chat / raw_chat - 1) * 100:+.1f}%"
+    )
     return 0
+
+
+async def stage_per_request(body: dict[str, object], loops: int) -> float:
+    """The budget stage's own work for one request, a budget configured, the answer instant."""
+    settings = load_settings(env={"THRIFTGATE_TOKENS_PER_DAY": str(10**15)})
+    stage = BudgetStage(
+        tokens.Catalogue(),
+        Keys(settings),
+        PriceTable(),
+        settings.budget,
+        settings.optimize,
+        Metrics(),
+    )
+    answer = web.Response(body=b"{}")
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return answer
+
+    raw = repr(body).encode()
+    request = make_mocked_request("POST", "/v1/chat/completions")
+
+    async def once() -> None:
+        ctx = RequestContext("id", 0.0, "POST", "/v1/chat/completions", "0123456789ab")
+        ctx.optimised, ctx.raw, ctx.body, ctx.model = True, raw, body, "gpt-4o"
+        request[CTX] = ctx
+        await stage(request, handler)
+        ctx.status = 200
+        for settle in ctx.settlers:
+            settle(ctx)
+
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(loops):
+            await once()
+        times.append((time.perf_counter() - t0) / loops)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":
