@@ -45,6 +45,7 @@ POOL: web.AppKey[Pool] = web.AppKey("pool", Pool)
 USAGE_LOG: web.AppKey[UsageLog] = web.AppKey("usage_log", UsageLog)
 CACHE: web.AppKey[CacheStage] = web.AppKey("cache", CacheStage)
 BUDGET: web.AppKey[BudgetStage] = web.AppKey("budget", BudgetStage)
+RATELIMIT: web.AppKey[RateLimitStage] = web.AppKey("ratelimit", RateLimitStage)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -113,6 +114,7 @@ def create_app(
     *,
     usage_stream: IO[bytes] | None = None,
     retry_sleep: Sleep = asyncio.sleep,
+    ratelimit_sleep: Sleep = asyncio.sleep,
 ) -> web.Application:
     """Build the proxy. ``usage_stream`` receives the usage log (default: the configured sink);
     ``retry_sleep`` waits between retries (tests pass one that only records)."""
@@ -135,6 +137,15 @@ def create_app(
         settings.optimize,
         metrics,
     )
+    ratelimit = RateLimitStage(
+        settings.ratelimit,
+        keys,
+        settings.model_limits,
+        metrics,
+        shared_upstream_key=bool(settings.upstream.api_key)
+        or any(t.api_key for t in settings.upstreams),
+        sleep=ratelimit_sleep,
+    )
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[
@@ -142,7 +153,7 @@ def create_app(
             RequestContextStage(usage_log, keys),  # request id, key, parsed body, usage log
             cache,  # exact-match answers, single-flight
             budget,  # tokens counted, optimisations, context guard, per-key budgets
-            RateLimitStage(settings),
+            ratelimit,  # token buckets per key and model: reject or queue
             RetryStage(settings.retry, metrics, sleep=retry_sleep),
         ],
     )
@@ -152,10 +163,12 @@ def create_app(
     app[USAGE_LOG] = usage_log
     app[CACHE] = cache
     app[BUDGET] = budget
+    app[RATELIMIT] = ratelimit
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(redis_ctx)
     app.on_startup.append(cache.startup)  # after the cleanup contexts: Redis is open
     app.on_startup.append(budget.startup)
+    app.on_startup.append(ratelimit.startup)
     app.on_shutdown.append(_mark_shutting_down)
     app.on_shutdown.append(cache.shutdown)
     app.on_shutdown.append(budget.shutdown)

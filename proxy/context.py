@@ -71,6 +71,7 @@ class RequestContext:
     cache: str | None = None
     attempts: int = 1
     retry_wait_ms: float = 0.0
+    rate_limited_ms: float = 0.0  # time spent waiting in the rate limiter's queue
     upstream: str | None = None  # the name of the upstream that answered (the last one tried)
     prompt_estimate: int | None = None  # tokens counted before the call
     output_limit: int | None = None  # the output tokens the request asks for at most (0: no limit)

@@ -67,6 +67,10 @@ class Keys:
     def alias(self, fingerprint: str | None) -> str | None:
         return self.limits(fingerprint).alias
 
+    def all(self) -> list[Limits]:
+        """The limits of the keys with tables of their own."""
+        return list(self._by_fingerprint.values())
+
     @property
     def any_budget(self) -> bool:
         return self.default.budgeted or any(v.budgeted for v in self._by_fingerprint.values())

@@ -31,6 +31,7 @@ class Metrics:
         self.breaker_transitions: dict[tuple[str, str], int] = {}  # (upstream, to state)
         self.upstreams: list[Target] = []
         self.budget_rejections: dict[tuple[str, str], int] = {}  # (tokens|usd, day|month)
+        self.rate_limited: dict[str, int] = {}  # rejected, queued, too_large, upstream_hold
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
 
@@ -104,4 +105,11 @@ class _Collector(Collector):
             "Requests refused because a key's budget was spent, by unit and period",
             ["unit", "period"],
             self.m.budget_rejections,
+        )
+        yield _counter(
+            "thriftgate_rate_limited",
+            "Rate limiter events: rejected, queued (waited for room), too_large (over a bucket's "
+            "capacity), upstream_hold (the upstream said its limits were nearly spent)",
+            ["outcome"],
+            self.m.rate_limited,
         )

@@ -1,15 +1,528 @@
-"""Rate limiting: token buckets for requests and tokens per minute.
+"""Rate limiting: token buckets for requests and tokens per minute, per key and per model.
 
-The stage holds its place in the chain with its final interface (``Stage``'s
-``__call__(request, handler)``); until its own work lands it passes every request through.
+Every request to the optimised endpoints that reaches the stage (cache hits do not) is charged one
+request and its estimated tokens (prompt estimate + its output limit, or
+``default_output_tokens``) against its key's RPM/TPM buckets and the global buckets of its model
+(``[model_limits."pattern"]``). After the answer the token charge is settled to the actual usage.
+
+- ``reject`` mode: a request that does not fit gets 429 ``rate_limit_exceeded`` with
+  ``retry-after``/``retry-after-ms`` and OpenAI's ``x-ratelimit-*`` headers;
+- ``queue`` mode: it waits, first come first served per key, until it fits or ``max_wait_s``
+  passes; a client that disconnects while waiting leaves the queue and is not charged;
+- a request larger than a bucket's capacity is refused at once;
+- adaptive (queue mode): the upstream's own ``x-ratelimit-remaining-*``/``reset-*`` headers and
+  429s hold new requests for that model back, queued here, until its limits reset.
+
+Buckets live in memory, or in Redis (one Lua script refills and takes atomically on Redis's own
+clock), falling back to memory while Redis is unavailable.
 """
 
 from __future__ import annotations
 
-from proxy.config import Settings
-from proxy.types import Stage
+import asyncio
+import collections
+import fnmatch
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiohttp import web
+from multidict import CIMultiDict
+from redis.asyncio import Redis
+
+from proxy.config import ModelLimit, RateLimitSettings
+from proxy.context import RequestContext, context_of
+from proxy.errors import ProxyError
+from proxy.keys import ANONYMOUS, Keys, Limits
+from proxy.metrics import Metrics
+from proxy.store import REDIS, RedisGuard
+from proxy.types import Handler, Stage
+from proxy.usage import token_fields
+
+Sleep = Callable[[float], Awaitable[None]]
+HEADER_KINDS = ("requests", "tokens")
+
+
+class RateLimited(ProxyError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+# -- OpenAI's duration format (Go's time.Duration) -----------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """``20ms``, ``1s``, ``1.5s``, ``6m0s``, ``1h2m3s``: as OpenAI's x-ratelimit-reset-* headers."""
+    ms = max(0, math.ceil(seconds * 1000))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)")
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in a Go duration (``6m0s``, ``20ms``) or a plain number of seconds; None if not."""
+    if not text:
+        return None
+    text = text.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+# -- buckets -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    name: str  # e.g. thriftgate:rl:key:3f1a2b3c4d5e:requests
+    scope: str  # key | model
+    kind: str  # requests | tokens
+    capacity: float
+    rate: float  # refill per second
+    cost: float
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    ok: bool
+    wait_s: float  # when not ok: how long until every bucket has room
+    levels: tuple[float, ...]  # each bucket's level (after the charge when ok)
+
+
+class Buckets(Protocol):
+    name: str
+
+    async def take(self, buckets: Sequence[Bucket], *, force: bool = False) -> Verdict:
+        """Charge every bucket its cost if all have room (or regardless, with ``force``)."""
+        ...
+
+
+class MemoryBuckets:
+    """Exact token buckets on the event loop (one coroutine at a time: no lock needed)."""
+
+    name = "memory"
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.state: dict[str, list[float]] = {}  # name -> [level, updated_at]
+        self._sweep_at = 4096
+
+    def level(self, bucket: Bucket, now: float) -> float:
+        entry = self.state.get(bucket.name)
+        if entry is None:
+            return bucket.capacity
+        return min(bucket.capacity, entry[0] + (now - entry[1]) * bucket.rate)
+
+    async def take(self, buckets: Sequence[Bucket], *, force: bool = False) -> Verdict:
+        return self.take_now(buckets, force=force)
+
+    def take_now(self, buckets: Sequence[Bucket], *, force: bool = False) -> Verdict:
+        now = self.clock()
+        levels = [self.level(b, now) for b in buckets]
+        wait = max((max(0.0, b.cost - lv) / b.rate for b, lv in zip(buckets, levels, strict=True)))
+        if wait > 0 and not force:
+            return Verdict(False, wait, tuple(levels))
+        after = []
+        for b, lv in zip(buckets, levels, strict=True):
+            self.state[b.name] = [lv - b.cost, now]
+            after.append(lv - b.cost)
+        if len(self.state) > self._sweep_at:
+            self._sweep(now)
+        return Verdict(True, 0.0, tuple(after))
+
+    def _sweep(self, now: float) -> None:
+        """Forget buckets that have refilled (they start full anyway)."""
+        self.state = {k: v for k, v in self.state.items() if now - v[1] < 120}
+        self._sweep_at = max(4096, 2 * len(self.state))
+
+
+# KEYS: buckets. ARGV[1]: 1 to charge regardless; then capacity, rate per ms, cost for each.
+# Refills every bucket on Redis's own clock; charges all of them only if all have room.
+# Returns {1|0, wait in ms, level 1, level 2, ...} (levels as strings: Lua numbers would be
+# truncated to integers).
+TAKE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local force = ARGV[1] == '1'
+local levels = {}
+local wait = 0
+for i = 1, #KEYS do
+  local cap = tonumber(ARGV[3 * i - 1])
+  local rate = tonumber(ARGV[3 * i])
+  local cost = tonumber(ARGV[3 * i + 1])
+  local s = redis.call('HMGET', KEYS[i], 'l', 't')
+  local level = cap
+  if s[1] then
+    level = math.min(cap, tonumber(s[1]) + math.max(0, now - tonumber(s[2])) * rate)
+  end
+  levels[i] = level
+  if level < cost then wait = math.max(wait, (cost - level) / rate) end
+end
+local out = {1, 0}
+if wait > 0 and not force then
+  out = {0, math.ceil(wait)}
+else
+  for i = 1, #KEYS do
+    local cap = tonumber(ARGV[3 * i - 1])
+    local rate = tonumber(ARGV[3 * i])
+    levels[i] = levels[i] - tonumber(ARGV[3 * i + 1])
+    redis.call('HSET', KEYS[i], 'l', tostring(levels[i]), 't', tostring(now))
+    redis.call('PEXPIRE', KEYS[i], math.ceil((cap - levels[i]) / rate) + 1000)
+  end
+end
+for i = 1, #KEYS do out[i + 2] = tostring(levels[i]) end
+return out
+"""
+
+
+class RedisBuckets:
+    """Buckets in Redis, shared by every replica; in memory while Redis is unavailable."""
+
+    name = "redis"
+
+    def __init__(self, guard: RedisGuard, fallback: MemoryBuckets) -> None:
+        self.guard = guard
+        self.fallback = fallback
+        self.script = guard.client.register_script(TAKE_LUA)
+
+    async def _run(self, client: Redis, buckets: Sequence[Bucket], force: bool) -> Verdict:
+        args: list[Any] = [1 if force else 0]
+        for b in buckets:
+            args += (b.capacity, b.rate / 1000, b.cost)
+        out = await self.script(keys=[b.name for b in buckets], args=args, client=client)
+        levels = tuple(float(v) for v in out[2:])
+        return Verdict(bool(int(out[0])), int(out[1]) / 1000, levels)
+
+    async def take(self, buckets: Sequence[Bucket], *, force: bool = False) -> Verdict:
+        verdict = await self.guard.call("ratelimit", lambda c: self._run(c, buckets, force), None)
+        if verdict is None:  # Redis unavailable: local buckets (the guard has said so)
+            return self.fallback.take_now(buckets, force=force)
+        return verdict
+
+
+# -- the stage -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Charge:
+    buckets: list[Bucket]
+    tokens: float  # the estimate charged to the token buckets
 
 
 class RateLimitStage(Stage):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: RateLimitSettings,
+        keys: Keys,
+        model_limits: tuple[ModelLimit, ...],
+        metrics: Metrics,
+        *,
+        shared_upstream_key: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
         self.settings = settings
+        self.keys = keys
+        self.model_limits = model_limits
+        self.metrics = metrics
+        self.shared_upstream_key = shared_upstream_key  # upstream limits are the proxy's own key
+        self.clock = clock
+        self.sleep = sleep
+        self.buckets: Buckets = MemoryBuckets(self.now)
+        self.queues: dict[str, collections.deque[asyncio.Future[None]]] = {}
+        self.held_until: dict[tuple[str | None, str], float] = {}  # adaptive: (key, model)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # adaptive holding makes clients wait at the proxy, so it works in queue mode only
+        self.adaptive = settings.adaptive and settings.mode == "queue"
+        self.enabled = bool(
+            keys.default.rpm
+            or keys.default.tpm
+            or any(v.rpm or v.tpm for v in keys.all())
+            or any(m.rpm or m.tpm for m in model_limits)
+        )
+
+    def now(self) -> float:
+        return self.clock()
+
+    async def startup(self, app: web.Application) -> None:
+        guard = app[REDIS]
+        if guard is not None and self.enabled:
+            self.buckets = RedisBuckets(guard, MemoryBuckets(self.now))
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = context_of(request)
+        if ctx is None or not ctx.optimised or ctx.model is None:
+            return await handler(request)
+        if not self.enabled and not self.adaptive:
+            return await handler(request)
+        charge: Charge | None = None
+        limits = self.keys.limits(ctx.key)
+        verdict: Verdict | None = None
+        if self.enabled:
+            buckets = self._buckets(ctx, limits)
+            if buckets:
+                charge = Charge(buckets, self._tokens(ctx))
+                verdict = await self._acquire(request, ctx, buckets, limits)
+                ctx.settlers.append(lambda c: self._settle(c, charge))
+        elif self.adaptive:
+            await self._wait_for_upstream(request, ctx, limits)
+        resp = await handler(request)
+        if self.adaptive:
+            self._observe(ctx, resp)
+        if self.settings.expose_headers and verdict is not None and charge is not None:
+            self._headers(resp.headers, charge.buckets, verdict.levels, limits)
+        return resp
+
+    # -- what a request is charged ---------------------------------------------------------------
+
+    def _tokens(self, ctx: RequestContext) -> int:
+        prompt = ctx.prompt_estimate or 0
+        if ctx.endpoint == "/v1/embeddings":
+            return prompt
+        return prompt + (ctx.output_limit or self.settings.default_output_tokens)
+
+    def _buckets(self, ctx: RequestContext, limits: Limits) -> list[Bucket]:
+        prefix = self.settings.redis_prefix
+        key = ctx.key or ANONYMOUS
+        tokens = self._tokens(ctx)
+        out = []
+        rpm, tpm = limits.rpm, limits.tpm
+        if rpm:
+            cap = limits.rpm_burst or rpm
+            out.append(Bucket(f"{prefix}key:{key}:requests", "key", "requests", cap, rpm / 60, 1))
+        if tpm:
+            cap = limits.tpm_burst or tpm
+            name = f"{prefix}key:{key}:tokens"
+            out.append(Bucket(name, "key", "tokens", cap, tpm / 60, tokens))
+        assert ctx.model is not None
+        for m in self.model_limits:
+            if ctx.model == m.pattern or fnmatch.fnmatchcase(ctx.model, m.pattern):
+                if m.rpm:
+                    name = f"{prefix}model:{m.pattern}:requests"
+                    out.append(Bucket(name, "model", "requests", m.rpm, m.rpm / 60, 1))
+                if m.tpm:
+                    name = f"{prefix}model:{m.pattern}:tokens"
+                    out.append(Bucket(name, "model", "tokens", m.tpm, m.tpm / 60, tokens))
+                break
+        return out
+
+    # -- taking ----------------------------------------------------------------------------------
+
+    async def _acquire(
+        self, request: web.Request, ctx: RequestContext, buckets: list[Bucket], limits: Limits
+    ) -> Verdict:
+        for b in buckets:
+            if b.cost > b.capacity:
+                self._count("too_large")
+                scope = "this API key" if b.scope == "key" else "the model's global limit"
+                raise RateLimited(
+                    f"Request too large for {ctx.model} on {scope}: limit {int(b.capacity)} "
+                    f"{b.kind} per minute, requested {int(b.cost)}. Send fewer tokens, or set a "
+                    "lower max_tokens.",
+                    param=None,
+                    code="rate_limit_exceeded",
+                    headers={"x-should-retry": "false"},
+                )
+        queue_mode = self.settings.mode == "queue"
+        scope = ctx.key or ANONYMOUS
+        queue = self.queues.get(scope)
+        if not queue:  # nobody waiting ahead: the common, fast path
+            hold = self._hold_left(ctx)
+            verdict = await self.buckets.take(buckets) if hold <= 0 else None
+            if verdict is not None and verdict.ok:
+                return verdict
+            if not queue_mode:
+                wait = verdict.wait_s if verdict is not None else hold
+                self._reject(buckets, verdict, wait, limits)
+        return await self._queue(ctx, scope, buckets, limits)
+
+    async def _queue(
+        self, ctx: RequestContext, scope: str, buckets: list[Bucket], limits: Limits
+    ) -> Verdict:
+        """Wait in the key's line; the head takes as soon as the buckets have room."""
+        loop = asyncio.get_running_loop()
+        me: asyncio.Future[None] = loop.create_future()
+        queue = self.queues.setdefault(scope, collections.deque())
+        queue.append(me)
+        if queue[0] is me:
+            me.set_result(None)
+        started = self.now()
+        deadline = started + self.settings.max_wait_s
+        self._count("queued")
+        try:
+            await me  # our turn: we are the head of the line
+            while True:
+                hold = self._hold_left(ctx)
+                verdict = await self.buckets.take(buckets) if hold <= 0 else None
+                if verdict is not None and verdict.ok:
+                    ctx.rate_limited_ms = round((self.now() - started) * 1000, 3)
+                    return verdict
+                wait = verdict.wait_s if verdict is not None else hold
+                if self.now() + wait > deadline:
+                    ctx.rate_limited_ms = round((self.now() - started) * 1000, 3)
+                    self._reject(buckets, verdict, wait, limits)
+                await self.sleep(min(wait, 1.0))  # re-checked at least every second
+        finally:
+            if me in queue:
+                queue.remove(me)
+            if queue and not queue[0].done():
+                queue[0].set_result(None)
+            if not queue:
+                self.queues.pop(scope, None)
+
+    def _reject(
+        self, buckets: list[Bucket], verdict: Verdict | None, wait: float, limits: Limits
+    ) -> None:
+        self._count("rejected")
+        headers: CIMultiDict[str] = CIMultiDict()
+        headers["retry-after"] = str(max(1, math.ceil(wait)))
+        headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
+        if verdict is not None:
+            self._headers(headers, buckets, verdict.levels, limits)
+            short = [b for b, lv in zip(buckets, verdict.levels, strict=True) if lv < b.cost]
+            b = short[0] if short else buckets[0]
+            per = "requests per min (RPM)" if b.kind == "requests" else "tokens per min (TPM)"
+            scope = b.scope
+            level = next(lv for x, lv in zip(buckets, verdict.levels, strict=True) if x is b)
+            message = (
+                f"Rate limit reached on this {scope} in thriftgate for {per}: "
+                f"Limit {int(b.capacity)}, Used {int(b.capacity - max(level, 0))}, Requested "
+                f"{int(b.cost)}. Please try again in {format_duration(wait)}."
+            )
+            type_ = b.kind
+        else:
+            message = (
+                "The upstream reported its rate limit for this model as nearly exhausted; "
+                f"thriftgate is holding requests back. Please try again in {format_duration(wait)}."
+            )
+            type_ = "requests"
+        error = RateLimited(message, headers=dict(headers))
+        error.type = type_
+        raise error
+
+    def _headers(
+        self,
+        headers: CIMultiDict[str] | Any,
+        buckets: list[Bucket],
+        levels: tuple[float, ...],
+        limits: Limits,
+    ) -> None:
+        """OpenAI's six x-ratelimit-* headers for the key's own buckets (the first of each kind)."""
+        for kind in HEADER_KINDS:
+            found = [(b, lv) for b, lv in zip(buckets, levels, strict=True) if b.kind == kind]
+            if not found:
+                continue
+            b, level = found[0]
+            headers[f"x-ratelimit-limit-{kind}"] = str(int(b.capacity))
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(level)))
+            headers[f"x-ratelimit-reset-{kind}"] = format_duration((b.capacity - level) / b.rate)
+
+    def _settle(self, ctx: RequestContext, charge: Charge) -> None:
+        """Settle the token buckets to the usage the upstream reported (nothing for a failure)."""
+        fields = token_fields(ctx.usage)
+        status = ctx.status or 0
+        if fields["prompt_tokens"] is not None:
+            actual = float(fields["total_tokens"] or 0)
+        elif status >= 400 and status != 499:
+            actual = 0.0
+        else:
+            return  # no usage known: the estimate stands
+        delta = actual - charge.tokens
+        tokens = [b for b in charge.buckets if b.kind == "tokens"]
+        if not delta or not tokens:
+            return
+        adjust = [Bucket(b.name, b.scope, b.kind, b.capacity, b.rate, delta) for b in tokens]
+        if isinstance(self.buckets, MemoryBuckets):
+            self.buckets.take_now(adjust, force=True)
+        else:
+            task = asyncio.get_running_loop().create_task(self.buckets.take(adjust, force=True))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _count(self, outcome: str) -> None:
+        counts = self.metrics.rate_limited
+        counts[outcome] = counts.get(outcome, 0) + 1
+
+    # -- adaptive --------------------------------------------------------------------------------
+
+    def _scope(self, ctx: RequestContext) -> tuple[str | None, str]:
+        assert ctx.model is not None
+        return (None if self.shared_upstream_key else ctx.key, ctx.model)
+
+    def _hold_left(self, ctx: RequestContext) -> float:
+        if not self.held_until:
+            return 0.0
+        until = self.held_until.get(self._scope(ctx))
+        if until is None:
+            return 0.0
+        left = until - self.now()
+        if left <= 0:
+            self.held_until.pop(self._scope(ctx), None)
+            return 0.0
+        return left
+
+    async def _wait_for_upstream(
+        self, request: web.Request, ctx: RequestContext, limits: Limits
+    ) -> None:
+        """Without buckets of its own: only the upstream's hold applies."""
+        hold = self._hold_left(ctx)
+        if hold <= 0:
+            return
+        if self.settings.mode != "queue" or hold > self.settings.max_wait_s:
+            self._reject([], None, hold, limits)
+        self._count("queued")
+        started = self.now()
+        while (hold := self._hold_left(ctx)) > 0:
+            await self.sleep(min(hold, 1.0))
+        ctx.rate_limited_ms = round((self.now() - started) * 1000, 3)
+
+    def _observe(self, ctx: RequestContext, resp: web.StreamResponse) -> None:
+        """Hold this model back when the upstream says its limits are (nearly) spent."""
+        h = resp.headers
+        hold = 0.0
+        if resp.status == 429 and h.get("x-thriftgate-error") is None:
+            hold = parse_duration(h.get("retry-after")) or 1.0
+        for kind in HEADER_KINDS:
+            remaining = _int(h.get(f"x-ratelimit-remaining-{kind}"))
+            limit = _int(h.get(f"x-ratelimit-limit-{kind}"))
+            if remaining is None or not limit:
+                continue
+            if remaining <= limit * self.settings.adaptive_min_remaining:
+                reset = parse_duration(h.get(f"x-ratelimit-reset-{kind}"))
+                if reset:
+                    hold = max(hold, reset)
+        if hold > 0:
+            self._count("upstream_hold")
+            scope = self._scope(ctx)
+            self.held_until[scope] = max(self.held_until.get(scope, 0.0), self.now() + hold)
+
+
+def _int(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None

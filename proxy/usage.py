@@ -247,6 +247,7 @@ class UsageLog:
             "upstream_ms": ctx.upstream_ms,
             "attempts": ctx.attempts,
             "retry_wait_ms": ctx.retry_wait_ms,
+            "rate_limited_ms": ctx.rate_limited_ms,
             "error": ctx.error,
             **ctx.extra,
         }

@@ -107,6 +107,7 @@ async def make_proxy(upstream: TestServer, aiohttp_server: Any) -> MakeProxy:
     async def make(
         env: dict[str, str] | None = None,
         retry_sleep: Callable[[float], Awaitable[None]] | None = None,
+        ratelimit_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         **flags: Any,
     ) -> Proxy:
         environ = {"THRIFTGATE_UPSTREAM_URL": str(upstream.make_url("/v1")), **(env or {})}
@@ -119,8 +120,10 @@ async def make_proxy(upstream: TestServer, aiohttp_server: Any) -> MakeProxy:
             if retry_sleep is not None:
                 await retry_sleep(seconds)
 
-        app = create_app(settings, usage_stream=sink, retry_sleep=sleep)
-        server = await aiohttp_server(app)
+        app = create_app(
+            settings, usage_stream=sink, retry_sleep=sleep, ratelimit_sleep=ratelimit_sleep
+        )
+        server = await aiohttp_server(app)  # cancels handlers on disconnect, as `serve` does
         return Proxy(server, app, settings, sink, waits)
 
     return make

@@ -88,6 +88,7 @@ class FakeOpenAI:
         self.gate: asyncio.Event | None = None  # streams wait on it after their first chunk
         self.hold: asyncio.Event | None = None  # JSON chat answers wait on it before answering
         self.held = asyncio.Event()  # set once an answer waits on ``hold``
+        self.limit_headers: dict[str, str] = {}  # overrides of the x-ratelimit-* headers sent
         self.first_chunk_sent = asyncio.Event()
         self.disconnected = asyncio.Event()  # a client went away mid-answer
         self.files: dict[str, bytes] = {}
@@ -176,8 +177,7 @@ class FakeOpenAI:
             status=status, body=body, content_type="application/json", headers=headers
         )
 
-    @staticmethod
-    def _headers() -> dict[str, str]:
+    def _headers(self) -> dict[str, str]:
         return {
             "x-request-id": f"req_{uuid.uuid4().hex}",
             "openai-processing-ms": str(random.randint(80, 900)),
@@ -192,6 +192,7 @@ class FakeOpenAI:
             "strict-transport-security": "max-age=31536000; includeSubDomains; preload",
             "set-cookie": f"__cf_bm={uuid.uuid4().hex}; path=/; HttpOnly; Secure; SameSite=None",
             "cf-cache-status": "DYNAMIC",
+            **self.limit_headers,
         }
 
     def _json(self, request: web.Request, payload: Any) -> web.Response:
