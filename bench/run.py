@@ -205,6 +205,7 @@ def wrk(
     cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
     return {
         "rps": rps,
+        "requests": requests,
         "cpu_us_per_request": cpu / requests * 1e6 if pid and requests else None,
         "p50_ms": _ms(pct["50"]),
         "p99_ms": _ms(pct["99"]),

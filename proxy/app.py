@@ -172,6 +172,7 @@ def create_app(
     app.on_shutdown.append(_mark_shutting_down)
     app.on_shutdown.append(cache.shutdown)
     app.on_shutdown.append(budget.shutdown)
+    app.on_shutdown.append(ratelimit.shutdown)
     app.on_cleanup.append(_flush_usage_log)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

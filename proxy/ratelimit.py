@@ -140,17 +140,29 @@ class MemoryBuckets:
 
     def take_now(self, buckets: Sequence[Bucket], *, force: bool = False) -> Verdict:
         now = self.clock()
-        levels = [self.level(b, now) for b in buckets]
-        wait = max((max(0.0, b.cost - lv) / b.rate for b, lv in zip(buckets, levels, strict=True)))
+        state = self.state
+        levels = []
+        wait = 0.0
+        for b in buckets:
+            entry = state.get(b.name)
+            level = b.capacity if entry is None else entry[0] + (now - entry[1]) * b.rate
+            if level > b.capacity:
+                level = b.capacity
+            levels.append(level)
+            if level < b.cost:
+                wait = max(wait, (b.cost - level) / b.rate)
         if wait > 0 and not force:
             return Verdict(False, wait, tuple(levels))
-        after = []
-        for b, lv in zip(buckets, levels, strict=True):
-            self.state[b.name] = [lv - b.cost, now]
-            after.append(lv - b.cost)
-        if len(self.state) > self._sweep_at:
+        for i, b in enumerate(buckets):
+            level = levels[i] = levels[i] - b.cost
+            entry = state.get(b.name)
+            if entry is None:
+                state[b.name] = [level, now]
+            else:
+                entry[0], entry[1] = level, now
+        if len(state) > self._sweep_at:
             self._sweep(now)
-        return Verdict(True, 0.0, tuple(after))
+        return Verdict(True, 0.0, tuple(levels))
 
     def _sweep(self, now: float) -> None:
         """Forget buckets that have refilled (they start full anyway)."""
@@ -270,6 +282,11 @@ class RateLimitStage(Stage):
         guard = app[REDIS]
         if guard is not None and self.enabled:
             self.buckets = RedisBuckets(guard, MemoryBuckets(self.now))
+
+    async def shutdown(self, app: web.Application) -> None:
+        """Wait for the settlements still on their way to Redis."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
