@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
         "fingerprint", help="print an API key's fingerprint (for [keys] tables and usage logs)"
     )
     fp.add_argument("key", nargs="?", default="-", help="the key; - or nothing: read from stdin")
+    usage = sub.add_parser("usage", help="totals from usage logs: requests, tokens, cost, ...")
+    usage.add_argument(
+        "files", nargs="*", default=["-"], help="usage logs, plain or gzipped; - or none: stdin"
+    )
+    usage.add_argument("--since", help="from this time: 2026-11-22, 2026-11-22T10:00Z, 24h, 7d")
+    usage.add_argument("--until", help="up to (not including) this time, same forms")
+    usage.add_argument(
+        "--by",
+        nargs="+",
+        action="extend",
+        default=[],
+        choices=["key", "model", "day", "endpoint", "user"],
+        help="group by these (key shows the alias when there is one)",
+    )
+    usage.add_argument("--format", choices=["table", "json", "csv"], default="table")
     return parser
 
 
@@ -66,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return count_tokens(args.request, args.model)
     if args.command == "fingerprint":
         return print_fingerprint(args.key)
+    if args.command == "usage":
+        return usage_report(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
@@ -113,6 +131,30 @@ def count_tokens(path: str, model: str | None) -> int:
             most = prices.estimate(name if isinstance(name, str) else None, count.tokens, output)
             line += f"; at most ${most:.6f} with {output} output tokens"
         print(line)
+    return 0
+
+
+def usage_report(args: argparse.Namespace) -> int:
+    from proxy.report import Report, open_log, parse_time, render
+
+    try:
+        now = time.time()
+        since = parse_time(args.since, now) if args.since else None
+        until = parse_time(args.until, now) if args.until else None
+    except ValueError as exc:
+        print(f"thriftgate: {exc}", file=sys.stderr)
+        return 2
+    report = Report(tuple(dict.fromkeys(args.by)), since, until)
+    for path in args.files:
+        try:
+            with open_log(path) as lines:
+                report.feed(lines)
+        except (OSError, EOFError) as exc:
+            print(f"thriftgate: cannot read {path}: {exc}", file=sys.stderr)
+            return 2
+    render(report, args.format, sys.stdout)
+    if report.skipped:
+        print(f"thriftgate: skipped {report.skipped} malformed lines", file=sys.stderr)
     return 0
 
 

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 # POST endpoints whose JSON body the chain parses (cache, tokens, budgets, rate limits).
 OPTIMISED_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/completions"})
 
+TAGS_HEADER = "X-Thriftgate-Tags"  # "team=search,batch": labels for the usage log
+
 BAD_JSON = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
     "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not "
@@ -66,6 +68,8 @@ class RequestContext:
     body: dict[str, Any] | None = None
     model: str | None = None
     stream: bool = False
+    user: str | None = None  # the body's ``user`` field
+    tags: list[str] | None = None  # from the x-thriftgate-tags header
     # filled in by the stages as the request goes
     status: int | None = None
     cache: str | None = None
@@ -123,6 +127,9 @@ class RequestContextStage(Stage):
             project=request.headers.get("OpenAI-Project"),
         )
         ctx.key_alias = self.keys.alias(ctx.key)
+        tags = request.headers.get(TAGS_HEADER)
+        if tags:
+            ctx.tags = [t.strip()[:100] for t in tags.split(",") if t.strip()][:20]
         request[CTX] = ctx
         # aiohttp runs each request in a task of its own (a copy of the connection's context),
         # so what is bound here never leaks into the next request: no need to clear first.
@@ -176,6 +183,8 @@ class RequestContextStage(Stage):
         model = body.get("model")
         ctx.model = model if isinstance(model, str) else None
         ctx.stream = body.get("stream") is True
+        user = body.get("user")
+        ctx.user = user[:200] if isinstance(user, str) else None
 
     def _delivered(self, ctx: RequestContext, outcome: Outcome) -> None:
         done = time.monotonic()

@@ -231,6 +231,8 @@ class UsageLog:
             "upstream": ctx.upstream,
             "key": ctx.key,
             "key_alias": ctx.key_alias,
+            "user": ctx.user,
+            "tags": ctx.tags,
             "method": ctx.method,
             "endpoint": ctx.endpoint,
             "model": ctx.model,
