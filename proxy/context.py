@@ -82,6 +82,7 @@ class RequestContext:
     tried: tuple[str, ...] = ()
     upstream_request_id: str | None = None
     usage: dict[str, Any] | None = None
+    tokens_source: str = "upstream"  # or "estimated": counted by the proxy (streams without usage)
     error: str | None = None
     upstream_ms: float | None = None
     ttft_ms: float | None = None

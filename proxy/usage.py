@@ -15,6 +15,7 @@ from typing import IO, Any
 import orjson
 import structlog
 
+from proxy import tokens
 from proxy.context import RequestContext
 from proxy.pricing import PriceTable
 from proxy.upstream import DoneCallback, Outcome, Reply
@@ -22,6 +23,7 @@ from proxy.upstream import DoneCallback, Outcome, Reply
 log = structlog.get_logger("thriftgate.usage")
 
 JSON_LIMIT = 8 * 1024 * 1024  # a JSON answer larger than this is not inspected for usage
+TEXT_LIMIT = 4 * 1024 * 1024  # characters of a stream's text kept to estimate its tokens
 SSE_TAIL = 64 * 1024  # the usage chunk is among the last events of a stream
 
 
@@ -60,17 +62,23 @@ class Decoder:
 
 
 class UsageRecorder:
-    """Observer of a reply's body that extracts the upstream's ``usage`` object."""
+    """Observer of a reply's body that extracts the upstream's ``usage`` object, and for a stream
+    the client asked for without usage (``collect_text``), the text it streamed."""
 
-    __slots__ = ("_buf", "_decoder", "_too_big", "json", "sse")
+    __slots__ = ("_buf", "_decoder", "_line", "_too_big", "json", "sse", "text", "text_chars")
 
-    def __init__(self, content_type: str | None, content_encoding: str | None) -> None:
+    def __init__(
+        self, content_type: str | None, content_encoding: str | None, collect_text: bool = False
+    ) -> None:
         ctype = (content_type or "").lower()
         self.sse = ctype.startswith("text/event-stream")
         self.json = not self.sse and "json" in ctype
         self._decoder = Decoder(content_encoding) if content_encoding else None
         self._buf = bytearray()
         self._too_big = False
+        self.text: list[str] | None = [] if collect_text and self.sse else None
+        self.text_chars = 0
+        self._line = b""
 
     def feed(self, chunk: bytes) -> None:
         if self._too_big:
@@ -78,6 +86,8 @@ class UsageRecorder:
         data = self._decoder.feed(chunk) if self._decoder is not None else chunk
         if not data:
             return
+        if self.text is not None:
+            self._collect(data)
         self._buf += data
         if self.sse:
             if len(self._buf) > 2 * SSE_TAIL:
@@ -85,6 +95,40 @@ class UsageRecorder:
         elif len(self._buf) > JSON_LIMIT:
             self._too_big = True
             self._buf.clear()
+
+    def _collect(self, data: bytes) -> None:
+        """The streamed text of complete ``data:`` events: content, refusals, tool arguments,
+        legacy completions' text (at most TEXT_LIMIT characters)."""
+        lines = (self._line + data).split(b"\n")
+        self._line = lines.pop()
+        for line in lines:
+            if not line.startswith(b"data:") or self.text_chars > TEXT_LIMIT:
+                continue
+            try:
+                event = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                continue  # [DONE], or not JSON
+            choices = event.get("choices") if isinstance(event, dict) else None
+            for choice in choices if isinstance(choices, list) else ():
+                if not isinstance(choice, dict):
+                    continue
+                delta = choice.get("delta")
+                parts = [choice.get("text")]
+                if isinstance(delta, dict):
+                    parts += [delta.get("content"), delta.get("refusal")]
+                    for call in delta.get("tool_calls") or ():
+                        if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                            parts += [
+                                call["function"].get("name"),
+                                call["function"].get("arguments"),
+                            ]
+                for part in parts:
+                    if isinstance(part, str) and part:
+                        self.text.append(part)  # type: ignore[union-attr]
+                        self.text_chars += len(part)
+
+    def streamed_text(self) -> str | None:
+        return "".join(self.text) if self.text else None
 
     def usage(self) -> dict[str, Any] | None:
         if (self._decoder is not None and self._decoder.failed) or self._too_big or not self._buf:
@@ -165,6 +209,21 @@ def token_fields(usage: dict[str, Any] | None) -> dict[str, int | None]:
     }
 
 
+def estimated_usage(ctx: RequestContext, text: str | None) -> dict[str, Any] | None:
+    """Usage for a stream that carried none: the prompt counted before the call and the streamed
+    text counted with the model's encoding (``tokens_source: estimated``)."""
+    if text is None or ctx.prompt_estimate is None:
+        return None
+    name, _ = tokens.encoding_name_for(ctx.model)
+    completion = len(tokens.encoding(name).encode_ordinary(text))
+    ctx.tokens_source = "estimated"
+    return {
+        "prompt_tokens": ctx.prompt_estimate,
+        "completion_tokens": completion,
+        "total_tokens": ctx.prompt_estimate + completion,
+    }
+
+
 PIPE_BUF = 4096  # POSIX: a write of at most this many bytes to a pipe is never interleaved
 
 
@@ -240,7 +299,7 @@ class UsageLog:
             "status": ctx.status,
             "cache": ctx.cache,
             **tokens,
-            "tokens_source": "upstream" if ctx.usage else None,
+            "tokens_source": ctx.tokens_source if ctx.usage else None,
             "prompt_tokens_estimate": ctx.prompt_estimate,
             "cost_usd": cost,
             "saved_usd": saved,
@@ -256,8 +315,12 @@ class UsageLog:
 
     def watch(self, ctx: RequestContext, reply: Reply, delivered: DoneCallback) -> None:
         """Read the usage from ``reply``'s body as it passes; call ``delivered`` when it ended."""
+        options = ctx.body.get("stream_options") if ctx.body else None
+        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         recorder = UsageRecorder(
-            reply.headers.get("Content-Type"), reply.headers.get("Content-Encoding")
+            reply.headers.get("Content-Type"),
+            reply.headers.get("Content-Encoding"),
+            collect_text=ctx.stream and not wants_usage and reply.status < 300,
         )
         if (recorder.sse or recorder.json) and not reply.whole:
             reply.observers.append(recorder.feed)  # a streamed body is read as it passes
@@ -267,6 +330,8 @@ class UsageLog:
                 if reply.whole and reply.body_bytes and (recorder.sse or recorder.json):
                     recorder.feed(reply.body_bytes)
                 ctx.usage = recorder.usage()
+                if ctx.usage is None:
+                    ctx.usage = estimated_usage(ctx, recorder.streamed_text())
             delivered(outcome)
 
         reply.on_done.append(done)

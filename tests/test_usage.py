@@ -6,9 +6,11 @@ import hashlib
 
 import aiohttp
 import openai
+import orjson
 from conftest import API_KEY, LogSink, Proxy
 from fake_openai import FakeOpenAI, Fault
 
+from proxy import tokens
 from proxy.context import fingerprint, key_of
 from proxy.usage import UsageRecorder
 
@@ -86,15 +88,42 @@ async def test_stream_usage_from_include_usage_chunk_even_gzipped(
     assert record["ttft_ms"] is not None
 
 
-async def test_stream_without_usage_logs_no_tokens(proxy: Proxy) -> None:
+async def test_stream_without_usage_is_counted_and_marked_estimated(proxy: Proxy) -> None:
     async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY) as client:
         stream = await client.chat.completions.create(**CHAT, stream=True)
-        async for _ in stream:
-            pass
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     record = (await proxy.usage.wait(1))[-1]
-    assert record["total_tokens"] is None
-    assert record["tokens_source"] is None
+    completion = len(tokens.encoding("o200k_base").encode(text))
+    assert record["tokens_source"] == "estimated"
+    assert record["prompt_tokens"] == record["prompt_tokens_estimate"]
+    assert record["completion_tokens"] == completion
+    assert record["total_tokens"] == record["prompt_tokens"] + completion
+    assert record["cost_usd"] is not None
     assert record["error"] is None
+
+
+async def test_stream_with_include_usage_is_exact(proxy: Proxy) -> None:
+    async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY) as client:
+        stream = await client.chat.completions.create(
+            **CHAT, stream=True, stream_options={"include_usage": True}
+        )
+        last = [c async for c in stream][-1]
+    record = (await proxy.usage.wait(1))[-1]
+    assert record["tokens_source"] == "upstream"
+    assert record["total_tokens"] == last.usage.total_tokens
+
+
+def test_streamed_text_covers_content_tool_arguments_and_legacy_text() -> None:
+    rec = UsageRecorder("text/event-stream", None, collect_text=True)
+    events = [
+        {"choices": [{"delta": {"content": "Hel"}}]},
+        {"choices": [{"delta": {"tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}}]},
+        {"choices": [{"text": "lo"}]},
+    ]
+    body = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    for i in range(0, len(body), 7):  # events split across chunks anywhere
+        rec.feed(body[i : i + 7])
+    assert rec.streamed_text() == "Helf{}lo"
 
 
 def test_recorder_handles_responses_api_and_garbage() -> None:
