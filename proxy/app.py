@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -124,7 +126,11 @@ def create_app(
         UsageLog(usage_stream, enabled=settings.usage.enabled, prices=prices)
         if usage_stream is not None
         else UsageLog(
-            _usage_sink(settings), enabled=settings.usage.enabled, owns_stream=True, prices=prices
+            _usage_sink(settings),
+            enabled=settings.usage.enabled,
+            owns_stream=True,
+            prices=prices,
+            path=settings.usage.log_path,
         )
     )
     cache = CacheStage(settings.cache, metrics, follower_wait_s=settings.upstream.total_timeout_s)
@@ -173,6 +179,7 @@ def create_app(
     app.on_shutdown.append(cache.shutdown)
     app.on_shutdown.append(budget.shutdown)
     app.on_shutdown.append(ratelimit.shutdown)
+    app.on_startup.append(_reopen_on_sighup)
     app.on_cleanup.append(_flush_usage_log)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -196,6 +203,15 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = Pool(settings.targets(), settings.upstream, app[METRICS])
     yield
     await session.close()
+
+
+async def _reopen_on_sighup(app: web.Application) -> None:
+    """SIGHUP reopens the usage log file, so logrotate can move it away."""
+    usage_log = app[USAGE_LOG]
+    if usage_log.path is None:
+        return
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, usage_log.reopen)
 
 
 async def _flush_usage_log(app: web.Application) -> None:

@@ -246,8 +246,14 @@ def _supervise(settings: Settings, argv: list[str]) -> int:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
 
+    def reopen(signum: int, _frame: object) -> None:  # logrotate: each worker reopens its log
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reopen)
     log.info("supervising", workers=n, pids=[c.pid for c in children])
     code = 0
     while children:

@@ -258,9 +258,11 @@ class UsageLog:
         enabled: bool = True,
         owns_stream: bool = False,
         prices: PriceTable | None = None,
+        path: str | None = None,
     ) -> None:
         self.enabled = enabled and stream is not None
         self.prices = prices
+        self.path = path  # the file the stream appends to, reopened by ``reopen`` (SIGHUP)
         self._stream = stream
         self._owns_stream = owns_stream
         self._pending: list[bytes] = []
@@ -350,6 +352,22 @@ class UsageLog:
                 asyncio.get_running_loop().call_soon(self.flush)
             except RuntimeError:  # no loop running: write now
                 self.flush()
+
+    def reopen(self) -> None:
+        """Write what is pending, then append to a fresh open of ``path`` (after logrotate moved
+        the old file away). A file that cannot be opened keeps the old stream, with a warning."""
+        if self.path is None or not self._owns_stream:
+            return
+        self.flush()
+        try:
+            fresh = open(self.path, "ab", buffering=0)  # noqa: SIM115 - kept open until closed
+        except OSError as exc:
+            log.warning("usage_log_reopen_failed", path=self.path, error=repr(exc))
+            return
+        old, self._stream = self._stream, fresh
+        if old is not None:
+            old.close()
+        log.info("usage_log_reopened", path=self.path)
 
     def close(self) -> None:
         """Write what is pending; close the stream if this log opened it."""

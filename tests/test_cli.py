@@ -147,3 +147,47 @@ def test_console_script_is_the_same_program() -> None:
     result = subprocess.run(["thriftgate", "--version"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
     assert result.stdout.startswith("thriftgate ")
+
+
+async def test_sighup_reopens_the_usage_log_for_logrotate(
+    tmp_path: Path, upstream: TestServer
+) -> None:
+    usage = tmp_path / "usage.jsonl"
+    server = start(
+        tmp_path,
+        "--upstream",
+        str(upstream.make_url("/v1")),
+        env={"THRIFTGATE_USAGE_LOG": str(usage)},
+    )
+    try:
+        await server.ready()
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with aiohttp.ClientSession() as s:
+            async with s.get(server.url + "/v1/models", headers=headers) as r:
+                assert r.status == 200
+            rotated = tmp_path / "usage.jsonl.1"
+            await written(usage)
+            usage.rename(rotated)  # what logrotate does
+            server.proc.send_signal(signal.SIGHUP)
+            await written(usage, empty_ok=True)  # the process reopened the path
+            async with s.get(server.url + "/v1/models?after=x", headers=headers) as r:
+                assert r.status == 200
+        await written(usage)
+        assert orjson.loads(rotated.read_bytes().splitlines()[0])["endpoint"] == "/v1/models"
+        assert len(rotated.read_bytes().splitlines()) == 1
+        assert len(usage.read_bytes().splitlines()) == 1
+        assert server.proc.poll() is None  # SIGHUP did not stop it
+    finally:
+        server.proc.terminate()
+        assert await server.wait() == 0
+
+
+async def written(path: Path, *, empty_ok: bool = False, within: float = 5) -> None:
+    """Wait until another process has created (and written to) ``path``: polled, bounded."""
+
+    def ready() -> bool:
+        return path.exists() and (empty_ok or path.stat().st_size > 0)
+
+    async with asyncio.timeout(within):
+        while not ready():  # noqa: ASYNC110 - another process writes it: nothing to wait on
+            await asyncio.sleep(0.02)
