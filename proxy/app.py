@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import os
 import signal
 import sys
@@ -20,7 +21,7 @@ from proxy.budget import BudgetStage
 from proxy.cache import CacheStage
 from proxy.config import Settings
 from proxy.context import RequestContextStage, context_of
-from proxy.errors import UpstreamTimeout, UpstreamUnavailable, error_middleware
+from proxy.errors import UpstreamTimeout, UpstreamUnavailable, error_middleware, error_response
 from proxy.keys import Keys
 from proxy.metrics import Metrics
 from proxy.pool import Pool
@@ -84,6 +85,16 @@ async def forward(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
+    token = request.app[SETTINGS].server.admin_token
+    if token is not None:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return error_response(
+                401,
+                "/metrics needs Authorization: Bearer <THRIFTGATE_ADMIN_TOKEN>",
+                "invalid_request_error",
+                "invalid_admin_token",
+            )
     metrics = request.app[METRICS]
     return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
 
@@ -123,7 +134,7 @@ def create_app(
     metrics = Metrics()
     prices = PriceTable(settings.prices)
     usage_log = (
-        UsageLog(usage_stream, enabled=settings.usage.enabled, prices=prices)
+        UsageLog(usage_stream, enabled=settings.usage.enabled, prices=prices, metrics=metrics)
         if usage_stream is not None
         else UsageLog(
             _usage_sink(settings),
@@ -131,6 +142,7 @@ def create_app(
             owns_stream=True,
             prices=prices,
             path=settings.usage.log_path,
+            metrics=metrics,
         )
     )
     cache = CacheStage(settings.cache, metrics, follower_wait_s=settings.upstream.total_timeout_s)

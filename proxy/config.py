@@ -29,6 +29,7 @@ class ServerSettings:
     workers: int = 1
     shutdown_grace_s: float = 30.0
     max_body_bytes: int = 100 * 1024 * 1024
+    admin_token: str | None = field(default=None, repr=False)  # protects /metrics when set
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +234,7 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("server", "workers"): ("THRIFTGATE_WORKERS",),
     ("server", "shutdown_grace_s"): ("THRIFTGATE_SHUTDOWN_GRACE_S",),
     ("server", "max_body_bytes"): ("THRIFTGATE_MAX_BODY_BYTES",),
+    ("server", "admin_token"): ("THRIFTGATE_ADMIN_TOKEN",),
     ("upstream", "url"): ("THRIFTGATE_UPSTREAM_URL",),
     ("upstream", "api_key"): ("THRIFTGATE_UPSTREAM_API_KEY",),
     ("upstream", "connect_timeout_s"): ("THRIFTGATE_CONNECT_TIMEOUT_S",),

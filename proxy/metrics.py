@@ -10,13 +10,41 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from proxy.pool import Target
 
 CACHE_EVENTS = ("hit", "miss", "bypass", "store", "eviction", "coalesced")
+# seconds; the upper bounds of the latency and time-to-first-token histograms
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+MAX_MODELS = 200  # distinct model labels kept; the rest are counted as "other"
+TOKEN_KINDS = ("prompt", "cached", "completion", "reasoning")
+
+
+class Histogram:
+    """Counts per bucket and a sum: cheap to observe, rendered cumulatively."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        i = 0
+        while i < len(LATENCY_BUCKETS) and seconds > LATENCY_BUCKETS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.sum += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else str(bound), total))
+        return out
 
 
 class Metrics:
@@ -32,15 +60,56 @@ class Metrics:
         self.upstreams: list[Target] = []
         self.budget_rejections: dict[tuple[str, str], int] = {}  # (tokens|usd, day|month)
         self.rate_limited: dict[str, int] = {}  # rejected, queued, too_large, upstream_hold
+        # per request, from the usage log's record
+        self.requests: dict[tuple[str, str, str, str], int] = {}  # endpoint, model, status, cache
+        self.tokens: dict[tuple[str, str], int] = {}  # model, kind
+        self.cost_usd: dict[str, float] = {}  # by model
+        self.saved_usd: dict[str, float] = {}
+        self.latency: dict[str, Histogram] = {}  # by endpoint
+        self.ttft: dict[str, Histogram] = {}
+        self._models: set[str] = set()
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
+
+    def model_label(self, model: str | None) -> str:
+        """Bounded label values: clients choose model names."""
+        if model is None:
+            return ""
+        if model in self._models:
+            return model
+        if len(self._models) < MAX_MODELS:
+            self._models.add(model)
+            return model
+        return "other"
+
+    def observe_request(self, record: dict[str, Any]) -> None:
+        """Count one usage-log record (endpoint, model, status, cache, tokens, cost, timings)."""
+        model = self.model_label(record.get("model"))
+        endpoint = str(record.get("endpoint"))
+        key = (endpoint, model, str(record.get("status")), record.get("cache") or "")
+        self.requests[key] = self.requests.get(key, 0) + 1
+        for kind in TOKEN_KINDS:
+            n = record.get(f"{kind}_tokens")
+            if isinstance(n, int) and n:
+                self.tokens[(model, kind)] = self.tokens.get((model, kind), 0) + n
+        for name, into in (("cost_usd", self.cost_usd), ("saved_usd", self.saved_usd)):
+            usd = record.get(name)
+            if isinstance(usd, float | int) and usd:
+                into[model] = into.get(model, 0.0) + usd
+        for name, into in (("latency_ms", self.latency), ("ttft_ms", self.ttft)):
+            ms = record.get(name)
+            if isinstance(ms, float | int):
+                hist = into.get(endpoint)
+                if hist is None:
+                    hist = into[endpoint] = Histogram()
+                hist.observe(ms / 1000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 def _counter(
-    name: str, documentation: str, labels: list[str], counts: dict[Any, int]
+    name: str, documentation: str, labels: list[str], counts: dict[Any, int] | dict[Any, float]
 ) -> CounterMetricFamily:
     """A counter family from plain counts keyed by a label value (or a tuple of them)."""
     family = CounterMetricFamily(name, documentation, labels=labels)
@@ -53,7 +122,37 @@ class _Collector(Collector):
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        yield _counter(
+            "thriftgate_requests",
+            "Requests to /v1, by endpoint, model, status sent and cache outcome",
+            ["endpoint", "model", "status", "cache"],
+            self.m.requests,
+        )
+        yield _counter(
+            "thriftgate_tokens",
+            "Tokens by model and kind (prompt, cached, completion, reasoning), as the usage log "
+            "reports them (cache hits included: see thriftgate_requests' cache label)",
+            ["model", "kind"],
+            self.m.tokens,
+        )
+        yield _counter(
+            "thriftgate_cost_usd", "USD spent upstream, by model", ["model"], self.m.cost_usd
+        )
+        yield _counter(
+            "thriftgate_saved_usd",
+            "USD the cache saved (what its answers cost originally), by model",
+            ["model"],
+            self.m.saved_usd,
+        )
+        for name, doc, hists in (
+            ("thriftgate_request_duration_seconds", "Request to answer delivered", self.m.latency),
+            ("thriftgate_ttft_seconds", "Streams: request to first byte sent", self.m.ttft),
+        ):
+            family = HistogramMetricFamily(name, doc, labels=["endpoint"])
+            for endpoint, hist in hists.items():
+                family.add_metric([endpoint], hist.buckets(), hist.sum)
+            yield family
         yield _counter(
             "thriftgate_cache_events",
             "Response cache events: hit, miss, bypass, store, eviction, coalesced (a request "

@@ -17,6 +17,7 @@ import structlog
 
 from proxy import tokens
 from proxy.context import RequestContext
+from proxy.metrics import Metrics
 from proxy.pricing import PriceTable
 from proxy.upstream import DoneCallback, Outcome, Reply
 
@@ -259,9 +260,11 @@ class UsageLog:
         owns_stream: bool = False,
         prices: PriceTable | None = None,
         path: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.enabled = enabled and stream is not None
         self.prices = prices
+        self.metrics = metrics  # every record is counted there too (even with the log off)
         self.path = path  # the file the stream appends to, reopened by ``reopen`` (SIGHUP)
         self._stream = stream
         self._owns_stream = owns_stream
@@ -339,10 +342,15 @@ class UsageLog:
         reply.on_done.append(done)
 
     def write(self, ctx: RequestContext) -> None:
-        if not self.enabled:
+        if not self.enabled and self.metrics is None:
             return
         try:
-            self._pending.append(orjson.dumps(self.record(ctx), option=orjson.OPT_APPEND_NEWLINE))
+            record = self.record(ctx)
+            if self.metrics is not None:
+                self.metrics.observe_request(record)
+            if not self.enabled:
+                return
+            self._pending.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
         except Exception:
             log.exception("usage_record_failed", request_id=ctx.request_id)
             return
