@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import __version__
+from proxy.alerts import Alerts
 from proxy.budget import BudgetStage
 from proxy.cache import CacheStage
 from proxy.config import Settings
@@ -49,6 +50,7 @@ USAGE_LOG: web.AppKey[UsageLog] = web.AppKey("usage_log", UsageLog)
 CACHE: web.AppKey[CacheStage] = web.AppKey("cache", CacheStage)
 BUDGET: web.AppKey[BudgetStage] = web.AppKey("budget", BudgetStage)
 RATELIMIT: web.AppKey[RateLimitStage] = web.AppKey("ratelimit", RateLimitStage)
+ALERTS: web.AppKey[Alerts] = web.AppKey("alerts", Alerts)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
@@ -133,8 +135,15 @@ def create_app(
     ``retry_sleep`` waits between retries (tests pass one that only records)."""
     metrics = Metrics()
     prices = PriceTable(settings.prices)
+    alerts = Alerts(settings.alerts)
     usage_log = (
-        UsageLog(usage_stream, enabled=settings.usage.enabled, prices=prices, metrics=metrics)
+        UsageLog(
+            usage_stream,
+            enabled=settings.usage.enabled,
+            prices=prices,
+            metrics=metrics,
+            alerts=alerts,
+        )
         if usage_stream is not None
         else UsageLog(
             _usage_sink(settings),
@@ -143,6 +152,7 @@ def create_app(
             prices=prices,
             path=settings.usage.log_path,
             metrics=metrics,
+            alerts=alerts,
         )
     )
     cache = CacheStage(settings.cache, metrics, follower_wait_s=settings.upstream.total_timeout_s)
@@ -154,6 +164,7 @@ def create_app(
         settings.budget,
         settings.optimize,
         metrics,
+        alerts=alerts,
     )
     ratelimit = RateLimitStage(
         settings.ratelimit,
@@ -182,15 +193,18 @@ def create_app(
     app[CACHE] = cache
     app[BUDGET] = budget
     app[RATELIMIT] = ratelimit
+    app[ALERTS] = alerts
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(redis_ctx)
     app.on_startup.append(cache.startup)  # after the cleanup contexts: Redis is open
     app.on_startup.append(budget.startup)
     app.on_startup.append(ratelimit.startup)
+    app.on_startup.append(alerts.startup)
     app.on_shutdown.append(_mark_shutting_down)
     app.on_shutdown.append(cache.shutdown)
     app.on_shutdown.append(budget.shutdown)
     app.on_shutdown.append(ratelimit.shutdown)
+    app.on_shutdown.append(alerts.shutdown)
     app.on_startup.append(_reopen_on_sighup)
     app.on_cleanup.append(_flush_usage_log)
     app.router.add_get("/healthz", healthz)

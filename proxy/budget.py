@@ -32,6 +32,7 @@ import orjson
 from aiohttp import web
 from redis.asyncio import Redis
 
+from proxy.alerts import Alerts
 from proxy.config import BudgetSettings, OptimizeSettings
 from proxy.context import RequestContext, context_of
 from proxy.errors import ContextLengthExceeded, QuotaExceeded
@@ -70,9 +71,10 @@ class Charge:
 class Counters(Protocol):
     name: str
 
-    async def take(self, charges: Sequence[Charge]) -> tuple[Counters, int | None, int]:
+    async def take(self, charges: Sequence[Charge]) -> tuple[Counters, int | None, list[int]]:
         """Charge all of ``charges`` or none: (the counters that took them, the index of the
-        charge that did not fit or None, that counter's value)."""
+        charge that did not fit or None, the counters' values: each one's after the charge, or
+        the one that did not fit's alone)."""
         ...
 
     def add(self, charges: Sequence[Charge]) -> None:
@@ -96,16 +98,16 @@ class MemoryCounters:
             return 0
         return int(entry[0])
 
-    async def take(self, charges: Sequence[Charge]) -> tuple[Counters, int | None, int]:
+    async def take(self, charges: Sequence[Charge]) -> tuple[Counters, int | None, list[int]]:
         return self, *self.take_now(charges)
 
-    def take_now(self, charges: Sequence[Charge]) -> tuple[int | None, int]:
+    def take_now(self, charges: Sequence[Charge]) -> tuple[int | None, list[int]]:
         for i, charge in enumerate(charges):
             used = self.value(charge.counter)
             if charge.limit and used + charge.amount > charge.limit:
-                return i, used
+                return i, [used]
         self.add(charges)
-        return None, 0
+        return None, [self.value(c.counter) for c in charges]
 
     def add(self, charges: Sequence[Charge]) -> None:
         now = self.clock()
@@ -124,7 +126,8 @@ class MemoryCounters:
 
 
 # KEYS: counters. ARGV: limit, amount, expire-at (ms) for each. Checks every limited counter,
-# then charges all of them: {0, 0} when charged, {i, value} when counter i has no room.
+# then charges all of them: {0, value 1, value 2, ...} when charged, {i, value} when counter i
+# has no room.
 TAKE_LUA = """
 for i = 1, #KEYS do
   local limit = tonumber(ARGV[3 * i - 2])
@@ -135,11 +138,12 @@ for i = 1, #KEYS do
     end
   end
 end
+local out = {0}
 for i = 1, #KEYS do
-  redis.call('INCRBY', KEYS[i], ARGV[3 * i - 1])
+  out[i + 1] = redis.call('INCRBY', KEYS[i], ARGV[3 * i - 1])
   redis.call('PEXPIREAT', KEYS[i], ARGV[3 * i])
 end
-return {0, 0}
+return out
 """
 
 
@@ -161,12 +165,13 @@ class RedisCounters:
         result = await self.script(keys=[c.counter for c in charges], args=args, client=client)
         return [int(v) for v in result]
 
-    async def take(self, charges: Sequence[Charge]) -> tuple[Counters, int | None, int]:
+    async def take(self, charges: Sequence[Charge]) -> tuple[Counters, int | None, list[int]]:
         result = await self.guard.call("budget", lambda c: self._run(c, charges), None)
         if result is None:  # Redis unavailable: account locally (the guard has said so)
             return await self.fallback.take(charges)
-        index, used = result
-        return self, (index - 1 if index else None), used
+        if result[0]:
+            return self, result[0] - 1, result[1:2]
+        return self, None, result[1:]
 
     def add(self, charges: Sequence[Charge]) -> None:
         task = asyncio.get_running_loop().create_task(
@@ -236,7 +241,9 @@ class BudgetStage(Stage):
         optimize: OptimizeSettings,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        alerts: Alerts | None = None,
     ) -> None:
+        self.alerts = alerts
         self.catalogue = catalogue
         self.keys = keys
         self.prices = prices
@@ -356,9 +363,15 @@ class BudgetStage(Stage):
             counter = f"{self.settings.redis_prefix}{key}:{w.unit}:{label}"
             charges.append(Charge(counter, limit, amount, ends + 86400.0))
             units.append(w.unit)
-        counters, refused, used = await self.counters.take(charges)
+        counters, refused, values = await self.counters.take(charges)
         if refused is not None:
-            self._refuse(wins[refused], charges[refused], used, now, limits)
+            if self.alerts is not None:
+                w = wins[refused]
+                self.alerts.budget(ctx.key, limits.alias, w.unit, w.period, 1.0)
+            self._refuse(wins[refused], charges[refused], values[0], now, limits)
+        if self.alerts is not None:
+            for w, charge, value in zip(wins, charges, values, strict=True):
+                self.alerts.budget(ctx.key, limits.alias, w.unit, w.period, value / charge.limit)
         reservation = Reservation(counters, charges, units, tokens, usd_nano)
         ctx.settlers.append(lambda c: self._settle(c, reservation))
 

@@ -136,6 +136,23 @@ class RateLimitSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertSettings:
+    """Alert rules (0: off); a rule fires once per ``cooldown_s`` per scope."""
+
+    webhook_url: str | None = field(default=None, repr=False)  # POST {"text": ...} (Slack-style)
+    webhook_timeout_s: float = 5.0
+    cooldown_s: float = 3600.0
+    spend_usd_per_hour: float = 0.0  # everything spent in the current UTC hour
+    spend_usd_per_day: float = 0.0  # ...in the current UTC day
+    key_spend_usd_per_day: float = 0.0  # any one key, in the current UTC day
+    budget_warn_fraction: float = 0.8  # a key's budget this far used (and when it is spent)
+    error_rate: float = 0.0  # share of requests failing upstream (5xx) within window_s
+    cache_hit_rate_below: float = 0.0  # hit rate of cacheable requests within window_s
+    window_s: float = 300.0
+    min_requests: int = 20  # the window rules need this many requests first
+
+
+@dataclass(frozen=True, slots=True)
 class KeyPolicy:
     """A ``[keys."alias"]`` table: who a key is and its own limits (None: the default)."""
 
@@ -190,6 +207,7 @@ _SECTIONS: dict[str, type] = {
     "budget": BudgetSettings,
     "optimize": OptimizeSettings,
     "ratelimit": RateLimitSettings,
+    "alerts": AlertSettings,
 }
 # sections made of named tables: [keys."alias"], [models."name"], [model_limits."p"], [prices."m"]
 _TABLES = ("keys", "models", "model_limits", "prices")
@@ -206,6 +224,7 @@ class Settings:
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     optimize: OptimizeSettings = field(default_factory=OptimizeSettings)
     ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     keys: tuple[KeyPolicy, ...] = ()
     model_limits: tuple[ModelLimit, ...] = ()
     prices: tuple[Price, ...] = ()  # additions to / overrides of the shipped price table
@@ -265,6 +284,8 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("ratelimit", "tpm"): ("THRIFTGATE_TPM",),
     ("ratelimit", "mode"): ("THRIFTGATE_RATE_LIMIT_MODE",),
     ("ratelimit", "max_wait_s"): ("THRIFTGATE_RATE_LIMIT_MAX_WAIT_S",),
+    ("alerts", "webhook_url"): ("THRIFTGATE_ALERT_WEBHOOK",),
+    ("alerts", "spend_usd_per_day"): ("THRIFTGATE_ALERT_SPEND_USD_PER_DAY",),
 }
 
 # command-line flag name -> (section, key)
@@ -573,12 +594,19 @@ def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
         fail("cache", "local_max_bytes", "must not be negative")
     if s.cache.max_bytes < 1 or s.cache.max_entry_bytes < 1:
         fail("cache", "max_bytes", "sizes must be positive")
-    for section in ("budget", "optimize", "ratelimit"):
+    for section in ("budget", "optimize", "ratelimit", "alerts"):
         for f in dataclasses.fields(_SECTIONS[section]):
             value = getattr(getattr(s, section), f.name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
                 fail(section, f.name, "must not be negative")
     if s.optimize.trim_keep < 1:
         fail("optimize", "trim_keep", "must be at least 1")
+    if s.alerts.webhook_url is not None and URL(s.alerts.webhook_url).scheme not in {
+        "http",
+        "https",
+    }:
+        fail("alerts", "webhook_url", "must be an http(s) URL")
+    if s.alerts.window_s <= 0 or s.alerts.webhook_timeout_s <= 0:
+        fail("alerts", "window_s", "times must be positive")
     if s.ratelimit.mode not in {"reject", "queue"}:
         fail("ratelimit", "mode", f"{s.ratelimit.mode!r} is not one of reject, queue")

@@ -16,6 +16,7 @@ import orjson
 import structlog
 
 from proxy import tokens
+from proxy.alerts import Alerts
 from proxy.context import RequestContext
 from proxy.metrics import Metrics
 from proxy.pricing import PriceTable
@@ -261,10 +262,12 @@ class UsageLog:
         prices: PriceTable | None = None,
         path: str | None = None,
         metrics: Metrics | None = None,
+        alerts: Alerts | None = None,
     ) -> None:
         self.enabled = enabled and stream is not None
         self.prices = prices
         self.metrics = metrics  # every record is counted there too (even with the log off)
+        self.alerts = alerts  # ...and watched by the alert rules
         self.path = path  # the file the stream appends to, reopened by ``reopen`` (SIGHUP)
         self._stream = stream
         self._owns_stream = owns_stream
@@ -342,12 +345,14 @@ class UsageLog:
         reply.on_done.append(done)
 
     def write(self, ctx: RequestContext) -> None:
-        if not self.enabled and self.metrics is None:
+        if not self.enabled and self.metrics is None and self.alerts is None:
             return
         try:
             record = self.record(ctx)
             if self.metrics is not None:
                 self.metrics.observe_request(record)
+            if self.alerts is not None:
+                self.alerts.observe(record)
             if not self.enabled:
                 return
             self._pending.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))

@@ -1,0 +1,202 @@
+"""Alerts: spend, budgets, upstream errors and cache hit rate, watched from the usage records.
+
+When a rule fires: a structured ``alert`` log event (warning) and, when a webhook is configured, a
+POST of ``{"text": ...}`` (Slack-compatible) sent in the background. Each alert (rule and scope)
+fires at most once per ``cooldown_s``. A failing webhook is logged and never affects traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from proxy.config import AlertSettings
+
+log = structlog.get_logger("thriftgate.alerts")
+
+UPSTREAM_ERRORS = frozenset({"upstream_unavailable", "upstream_timeout", "upstream_disconnected"})
+
+
+class Alerts:
+    def __init__(
+        self,
+        settings: AlertSettings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.fired: dict[tuple[str, str], float] = {}  # (rule, scope) -> when it last fired
+        self.sent: list[dict[str, Any]] = []  # the alerts fired, newest last (bounded)
+        self._spend: dict[str, float] = {}  # "h2026112210" / "d20261122" -> USD
+        self._key_spend: dict[tuple[str, str], float] = {}  # (day, key) -> USD
+        self._window: collections.deque[tuple[float, bool, bool, bool]] = collections.deque()
+        self._errors = self._cacheable = self._hits = 0
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._spend_rules = bool(
+            settings.spend_usd_per_hour
+            or settings.spend_usd_per_day
+            or settings.key_spend_usd_per_day
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def startup(self, app: web.Application) -> None:
+        if self.settings.webhook_url:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.settings.webhook_timeout_s)
+            )
+
+    async def shutdown(self, app: web.Application) -> None:
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    # -- what is watched -------------------------------------------------------------------------
+
+    def observe(self, record: dict[str, Any]) -> None:
+        """One usage record: spend, and the error and cache-hit window."""
+        s = self.settings
+        now = self.clock()
+        cost = record.get("cost_usd")
+        if self._spend_rules and isinstance(cost, int | float) and cost > 0:
+            t = time.gmtime(now)
+            hour = f"h{t.tm_year:04d}{t.tm_mon:02d}{t.tm_mday:02d}{t.tm_hour:02d}"
+            day = f"d{t.tm_year:04d}{t.tm_mon:02d}{t.tm_mday:02d}"
+            if len(self._spend) > 64:
+                self._spend = {k: v for k, v in self._spend.items() if k in (hour, day)}
+            if len(self._key_spend) > 100_000:
+                self._key_spend = {k: v for k, v in self._key_spend.items() if k[0] == day}
+            self._spend[hour] = spent_hour = self._spend.get(hour, 0.0) + cost
+            self._spend[day] = spent_day = self._spend.get(day, 0.0) + cost
+            if s.spend_usd_per_hour and spent_hour > s.spend_usd_per_hour:
+                self.fire(
+                    "spend_per_hour",
+                    "all",
+                    f"thriftgate: ${spent_hour:,.2f} spent this hour (UTC), over the alert "
+                    f"threshold of ${s.spend_usd_per_hour:,.2f}",
+                    spent_usd=round(spent_hour, 6),
+                    threshold_usd=s.spend_usd_per_hour,
+                )
+            if s.spend_usd_per_day and spent_day > s.spend_usd_per_day:
+                self.fire(
+                    "spend_per_day",
+                    "all",
+                    f"thriftgate: ${spent_day:,.2f} spent today (UTC), over the alert threshold "
+                    f"of ${s.spend_usd_per_day:,.2f}",
+                    spent_usd=round(spent_day, 6),
+                    threshold_usd=s.spend_usd_per_day,
+                )
+            key = str(record.get("key_alias") or record.get("key") or "-")
+            if s.key_spend_usd_per_day:
+                k = (day, key)
+                self._key_spend[k] = spent = self._key_spend.get(k, 0.0) + cost
+                if spent > s.key_spend_usd_per_day:
+                    self.fire(
+                        "key_spend_per_day",
+                        key,
+                        f"thriftgate: key {key} spent ${spent:,.2f} today (UTC), over the alert "
+                        f"threshold of ${s.key_spend_usd_per_day:,.2f}",
+                        key=key,
+                        spent_usd=round(spent, 6),
+                        threshold_usd=s.key_spend_usd_per_day,
+                    )
+        if s.error_rate or s.cache_hit_rate_below:
+            self._slide(now, record)
+
+    def _slide(self, now: float, record: dict[str, Any]) -> None:
+        s = self.settings
+        status = record.get("status")
+        error = record.get("error") in UPSTREAM_ERRORS or (
+            isinstance(status, int) and status >= 500
+        )
+        cache = record.get("cache")
+        entry = (now, error, cache in ("hit", "miss"), cache == "hit")
+        self._window.append(entry)
+        self._count(entry, 1)
+        while self._window and self._window[0][0] < now - s.window_s:
+            self._count(self._window.popleft(), -1)
+        n = len(self._window)
+        if s.error_rate and n >= s.min_requests and self._errors / n > s.error_rate:
+            self.fire(
+                "upstream_error_rate",
+                "all",
+                f"thriftgate: {self._errors / n:.0%} of the last {n} requests failed upstream "
+                f"(window {s.window_s:g}s), over the alert threshold of {s.error_rate:.0%}",
+                error_rate=round(self._errors / n, 4),
+                requests=n,
+            )
+        if (
+            s.cache_hit_rate_below
+            and self._cacheable >= s.min_requests
+            and self._hits / self._cacheable < s.cache_hit_rate_below
+        ):
+            rate = self._hits / self._cacheable
+            self.fire(
+                "cache_hit_rate",
+                "all",
+                f"thriftgate: cache hit rate {rate:.0%} over the last {self._cacheable} "
+                f"cacheable requests, under the alert threshold of {s.cache_hit_rate_below:.0%}",
+                hit_rate=round(rate, 4),
+                requests=self._cacheable,
+            )
+
+    def _count(self, entry: tuple[float, bool, bool, bool], sign: int) -> None:
+        self._errors += sign * entry[1]
+        self._cacheable += sign * entry[2]
+        self._hits += sign * entry[3]
+
+    def budget(
+        self, key: str | None, alias: str | None, unit: str, period: str, fraction: float
+    ) -> None:
+        """A key's budget is at ``fraction`` of its limit (1.0: spent, a request was refused)."""
+        warn = self.settings.budget_warn_fraction
+        if fraction < warn and fraction < 1.0:
+            return
+        who = alias or key or "-"
+        rule = "budget_spent" if fraction >= 1.0 else "budget_warning"
+        what = "is spent" if fraction >= 1.0 else f"is {fraction:.0%} used"
+        self.fire(
+            rule,
+            f"{who}:{unit}:{period}",
+            f"thriftgate: the {unit} budget per {period} of key {who} {what}",
+            key=who,
+            unit=unit,
+            period=period,
+            fraction=round(fraction, 4),
+        )
+
+    # -- firing ----------------------------------------------------------------------------------
+
+    def fire(self, rule: str, scope: str, text: str, **values: Any) -> bool:
+        """Log and send the alert unless it fired within the cool-down. True if it fired."""
+        now = self.clock()
+        last = self.fired.get((rule, scope))
+        if last is not None and now - last < self.settings.cooldown_s:
+            return False
+        self.fired[(rule, scope)] = now
+        log.warning("alert", alert=rule, scope=scope, text=text, **values)
+        self.sent.append({"alert": rule, "scope": scope, "text": text, **values})
+        del self.sent[:-100]
+        if self._session is not None and self.settings.webhook_url:
+            task = asyncio.get_running_loop().create_task(self._post(rule, text))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _post(self, rule: str, text: str) -> None:
+        assert self._session is not None and self.settings.webhook_url is not None
+        try:
+            async with self._session.post(self.settings.webhook_url, json={"text": text}) as r:
+                if r.status >= 300:
+                    log.warning("alert_webhook_failed", alert=rule, status=r.status)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("alert_webhook_failed", alert=rule, error=repr(exc)[:200])

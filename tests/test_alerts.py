@@ -1,0 +1,154 @@
+"""Alerts: rules fire once per cool-down, reach a webhook, and a dead webhook harms nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from conftest import API_KEY, LogSink, MakeProxy, Proxy, free_port
+from fake_openai import FakeOpenAI, Fault
+
+from proxy.alerts import Alerts
+from proxy.app import ALERTS
+from proxy.config import AlertSettings
+
+AUTH = {"Authorization": f"Bearer {API_KEY}", "Cache-Control": "no-store"}
+
+
+class Hook:
+    """A webhook receiver: a real aiohttp server that records what it is sent."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.arrived = asyncio.Event()
+
+    def app(self) -> web.Application:
+        async def post(request: web.Request) -> web.Response:
+            self.received.append(await request.json())
+            self.arrived.set()
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/hook", post)
+        return app
+
+
+async def post(proxy: Proxy, text: str = "hi", **headers: str) -> int:
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(proxy.url + "/v1/chat/completions", json=body, headers={**AUTH, **headers}) as r,
+    ):
+        await r.read()
+        return r.status
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_spend_alert_fires_once_per_cooldown_and_reaches_the_webhook(
+    make_proxy: MakeProxy, fake: FakeOpenAI, aiohttp_server: Any, tmp_path: Path, app_logs: LogSink
+) -> None:
+    hook = Hook()
+    server: TestServer = await aiohttp_server(hook.app())
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[alerts]\nspend_usd_per_hour = 0.0000001\ncooldown_s = 600\n")
+    proxy = await make_proxy(
+        env={
+            "THRIFTGATE_CONFIG": str(cfg),
+            "THRIFTGATE_ALERT_WEBHOOK": str(server.make_url("/hook")),
+        }
+    )
+    alerts = proxy.app[ALERTS]
+    clock = Clock()
+    alerts.clock = clock
+    before = len(app_logs.lines())
+    for i in range(3):
+        assert await post(proxy, f"spend {i}") == 200
+    await proxy.usage.wait(3)
+    await asyncio.wait_for(hook.arrived.wait(), 5)
+    assert [a["alert"] for a in alerts.sent] == ["spend_per_hour"]  # once, not three times
+    assert hook.received[0]["text"].startswith("thriftgate: $")
+    assert "over the alert threshold" in hook.received[0]["text"]
+    events = [r for r in app_logs.lines()[before:] if r["event"] == "alert"]
+    assert len(events) == 1 and events[0]["alert"] == "spend_per_hour"
+    clock.now += 601  # the cool-down is over; same UTC hour, spend still over the threshold
+    hook.arrived.clear()
+    assert await post(proxy, "spend again") == 200
+    await proxy.usage.wait(4)
+    await asyncio.wait_for(hook.arrived.wait(), 5)
+    assert len(alerts.sent) == 2 and len(hook.received) == 2
+
+
+async def test_a_dead_webhook_never_affects_traffic(
+    make_proxy: MakeProxy, fake: FakeOpenAI, tmp_path: Path, app_logs: LogSink
+) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[alerts]\nspend_usd_per_hour = 0.0000001\n")
+    dead = f"http://127.0.0.1:{free_port()}/T000/secret-path"  # nothing listens there
+    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": str(cfg), "THRIFTGATE_ALERT_WEBHOOK": dead})
+    before = len(app_logs.lines())
+    statuses = [await post(proxy, f"m{i}") for i in range(5)]
+    assert statuses == [200] * 5
+    alerts = proxy.app[ALERTS]
+    await asyncio.wait_for(asyncio.gather(*list(alerts._tasks)), 10)
+    failures = [r for r in app_logs.lines()[before:] if r["event"] == "alert_webhook_failed"]
+    assert len(failures) == 1 and "secret-path" not in str(failures[0])  # the URL is not logged
+
+
+async def test_budget_warning_then_spent(make_proxy: MakeProxy, fake: FakeOpenAI) -> None:
+    proxy = await make_proxy(env={"THRIFTGATE_TOKENS_PER_DAY": "2500"})
+    alerts = proxy.app[ALERTS]
+    long = "word " * 1100  # ~1100 prompt tokens + 1024 reserved for the answer: 85% of 2500
+    assert await post(proxy, long) == 200
+    assert [a["alert"] for a in alerts.sent] == ["budget_warning"]
+    assert alerts.sent[0]["fraction"] >= 0.8
+    await proxy.usage.wait(1)
+    assert await post(proxy, long) == 429
+    assert [a["alert"] for a in alerts.sent] == ["budget_warning", "budget_spent"]
+    assert await post(proxy, long) == 429
+    assert len(alerts.sent) == 2  # cooled down: not again
+
+
+async def test_upstream_error_rate(make_proxy: MakeProxy, fake: FakeOpenAI, tmp_path: Path) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[alerts]\nerror_rate = 0.5\nmin_requests = 4\n")
+    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": str(cfg)})
+    alerts = proxy.app[ALERTS]
+    fake.fail_next(*[Fault(status=503)] * 3)
+    statuses = [await post(proxy, f"m{i}", **{"x-thriftgate-max-retries": "0"}) for i in range(4)]
+    assert statuses == [503, 503, 503, 200]
+    await proxy.usage.wait(4)
+    assert [a["alert"] for a in alerts.sent] == ["upstream_error_rate"]
+    assert alerts.sent[0]["error_rate"] == 0.75
+
+
+def test_window_rules_and_key_spend() -> None:
+    clock = Clock()
+    alerts = Alerts(
+        AlertSettings(
+            cache_hit_rate_below=0.5, min_requests=4, window_s=60, key_spend_usd_per_day=1.0
+        ),
+        clock=clock,
+    )
+    for _ in range(3):
+        alerts.observe({"status": 200, "cache": "miss"})
+    assert alerts.sent == []  # not enough requests yet
+    alerts.observe({"status": 200, "cache": "hit"})
+    assert [a["alert"] for a in alerts.sent] == ["cache_hit_rate"]
+    clock.now += 61  # the window has moved on: the old requests no longer count
+    alerts.observe({"status": 200, "cache": "hit"})
+    assert alerts._cacheable == 1
+    alerts.observe({"status": 200, "key": "abc", "cost_usd": 0.6})
+    alerts.observe({"status": 200, "key_alias": "ci", "key": "def", "cost_usd": 0.6})
+    alerts.observe({"status": 200, "key": "abc", "cost_usd": 0.6})
+    assert alerts.sent[-1]["alert"] == "key_spend_per_day" and alerts.sent[-1]["key"] == "abc"
