@@ -206,6 +206,8 @@ def create_app(
     app.on_shutdown.append(ratelimit.shutdown)
     app.on_shutdown.append(alerts.shutdown)
     app.on_startup.append(_reopen_on_sighup)
+    app.on_startup.append(_usage_to_redis_stream)
+    app.on_shutdown.append(_drain_usage_stream)
     app.on_cleanup.append(_flush_usage_log)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -229,6 +231,18 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = Pool(settings.targets(), settings.upstream, app[METRICS])
     yield
     await session.close()
+
+
+async def _usage_to_redis_stream(app: web.Application) -> None:
+    usage = app[SETTINGS].usage
+    guard = app[REDIS]
+    if usage.redis_stream and guard is not None:
+        app[USAGE_LOG].to_redis_stream(guard, usage.redis_stream, usage.redis_stream_maxlen)
+
+
+async def _drain_usage_stream(app: web.Application) -> None:
+    app[USAGE_LOG].flush()
+    await app[USAGE_LOG].drain()
 
 
 async def _reopen_on_sighup(app: web.Application) -> None:

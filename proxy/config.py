@@ -59,6 +59,8 @@ class UpstreamTarget:
 class UsageSettings:
     log_path: str | None = None  # None: one JSON line per request on stdout
     enabled: bool = True
+    redis_stream: str | None = None  # also XADD each record to this Redis stream (needs Redis)
+    redis_stream_maxlen: int = 1_000_000  # the stream is trimmed to about this many records
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +263,7 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("upstream", "total_timeout_s"): ("THRIFTGATE_TOTAL_TIMEOUT_S",),
     ("upstream", "idle_timeout_s"): ("THRIFTGATE_IDLE_TIMEOUT_S",),
     ("usage", "log_path"): ("THRIFTGATE_USAGE_LOG",),
+    ("usage", "redis_stream"): ("THRIFTGATE_USAGE_REDIS_STREAM",),
     ("redis", "url"): ("THRIFTGATE_REDIS_URL", "REDIS_URL"),
     ("redis", "timeout_s"): ("THRIFTGATE_REDIS_TIMEOUT_S",),
     ("cache", "enabled"): ("THRIFTGATE_CACHE",),
@@ -608,5 +611,7 @@ def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
         fail("alerts", "webhook_url", "must be an http(s) URL")
     if s.alerts.window_s <= 0 or s.alerts.webhook_timeout_s <= 0:
         fail("alerts", "window_s", "times must be positive")
+    if s.usage.redis_stream and s.redis.url is None:
+        fail("usage", "redis_stream", "needs a Redis URL (REDIS_URL or redis.url)")
     if s.ratelimit.mode not in {"reject", "queue"}:
         fail("ratelimit", "mode", f"{s.ratelimit.mode!r} is not one of reject, queue")

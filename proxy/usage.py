@@ -20,6 +20,7 @@ from proxy.alerts import Alerts
 from proxy.context import RequestContext
 from proxy.metrics import Metrics
 from proxy.pricing import PriceTable
+from proxy.store import RedisGuard
 from proxy.upstream import DoneCallback, Outcome, Reply
 
 log = structlog.get_logger("thriftgate.usage")
@@ -226,6 +227,8 @@ def estimated_usage(ctx: RequestContext, text: str | None) -> dict[str, Any] | N
     }
 
 
+STREAM_BACKLOG = 10_000  # usage records queued for the Redis stream at most
+
 PIPE_BUF = 4096  # POSIX: a write of at most this many bytes to a pipe is never interleaved
 
 
@@ -268,6 +271,12 @@ class UsageLog:
         self.prices = prices
         self.metrics = metrics  # every record is counted there too (even with the log off)
         self.alerts = alerts  # ...and watched by the alert rules
+        self.redis: RedisGuard | None = None  # with ``redis_stream``: XADD there too
+        self.redis_stream = ""
+        self.redis_maxlen = 0
+        self._xadds: set[asyncio.Task[Any]] = set()  # the one sender, while it runs
+        self._stream_backlog: list[bytes] = []
+        self.stream_dropped = 0  # records not sent to the stream (Redis slow or unavailable)
         self.path = path  # the file the stream appends to, reopened by ``reopen`` (SIGHUP)
         self._stream = stream
         self._owns_stream = owns_stream
@@ -366,6 +375,48 @@ class UsageLog:
             except RuntimeError:  # no loop running: write now
                 self.flush()
 
+    def to_redis_stream(self, guard: RedisGuard, name: str, maxlen: int) -> None:
+        self.redis, self.redis_stream, self.redis_maxlen = guard, name, maxlen
+
+    def _to_stream(self, lines: list[bytes]) -> None:
+        """Queue the records for the stream; one sender at a time, in order, in the background,
+        one pipelined XADD per batch. Never waits, never fails a request: past STREAM_BACKLOG
+        queued records (Redis slow or down) new ones are dropped and counted."""
+        room = STREAM_BACKLOG - len(self._stream_backlog)
+        if room < len(lines):
+            self.stream_dropped += len(lines) - max(room, 0)
+            lines = lines[: max(room, 0)]
+        self._stream_backlog += lines
+        if not self._xadds and self._stream_backlog:
+            task = asyncio.get_running_loop().create_task(self._send_backlog())
+            self._xadds.add(task)
+            task.add_done_callback(self._xadds.discard)
+
+    async def _send_backlog(self) -> None:
+        assert self.redis is not None
+        while self._stream_backlog:
+            batch, self._stream_backlog = self._stream_backlog, []
+
+            async def send(client: Any, batch: list[bytes] = batch) -> bool:
+                async with client.pipeline(transaction=False) as pipe:
+                    for line in batch:
+                        pipe.xadd(
+                            self.redis_stream,
+                            {"r": line.rstrip(b"\n")},
+                            maxlen=self.redis_maxlen,
+                            approximate=True,
+                        )
+                    await pipe.execute()
+                return True
+
+            if not await self.redis.call("usage_stream", send, False):
+                self.stream_dropped += len(batch)  # Redis unavailable: the guard said so
+
+    async def drain(self) -> None:
+        """Wait for the stream sends under way."""
+        while self._xadds:
+            await asyncio.gather(*list(self._xadds), return_exceptions=True)
+
     def reopen(self) -> None:
         """Write what is pending, then append to a fresh open of ``path`` (after logrotate moved
         the old file away). A file that cannot be opened keeps the old stream, with a warning."""
@@ -394,6 +445,8 @@ class UsageLog:
         if not self._pending or self._stream is None:
             return
         lines, self._pending = self._pending, []
+        if self.redis is not None:
+            self._to_stream(lines)
         try:
             for chunk in _atomic_chunks(lines):
                 self._stream.write(chunk)

@@ -7,10 +7,14 @@ import hashlib
 import aiohttp
 import openai
 import orjson
-from conftest import API_KEY, LogSink, Proxy
+import pytest
+import redis.asyncio as redis
+from conftest import API_KEY, LogSink, MakeProxy, Proxy, RedisServer
 from fake_openai import FakeOpenAI, Fault
 
 from proxy import tokens
+from proxy.app import USAGE_LOG
+from proxy.config import ConfigError, load_settings
 from proxy.context import fingerprint, key_of
 from proxy.usage import UsageRecorder
 
@@ -152,3 +156,39 @@ def test_usage_lines_are_written_in_pipe_atomic_chunks() -> None:
     assert all(len(c) <= PIPE_BUF or c.count(b"\n") == 1 for c in chunks)
     assert all(c.endswith(b"\n") for c in chunks)
     assert len(chunks) == 5  # 4+4+2 lines of 1001 bytes, the long line alone, then "z"
+
+
+async def test_usage_records_also_go_to_a_redis_stream(
+    make_proxy: MakeProxy, redis_url: str, redis_server: RedisServer
+) -> None:
+    proxy = await make_proxy(
+        env={"REDIS_URL": redis_url, "THRIFTGATE_USAGE_REDIS_STREAM": "thriftgate:usage"}
+    )
+    async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY) as client:
+        for i in range(3):
+            await client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": f"stream me {i}"}]
+            )
+    written = await proxy.usage.wait(3)
+    usage_log = proxy.app[USAGE_LOG]
+    await usage_log.drain()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        entries = await client.xrange("thriftgate:usage")
+    finally:
+        await client.aclose()
+    streamed = [orjson.loads(fields[b"r"]) for _, fields in entries]
+    assert streamed == written  # the same records, in order
+    redis_server.kill()
+    async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY) as client:
+        await client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "Redis is gone"}]
+        )
+    await proxy.usage.wait(4)  # the file/stdout log still gets every line
+    await usage_log.drain()
+    assert usage_log.stream_dropped == 1  # counted, not retried forever
+
+
+def test_redis_stream_needs_redis() -> None:
+    with pytest.raises(ConfigError, match="needs a Redis URL"):
+        load_settings(env={"THRIFTGATE_USAGE_REDIS_STREAM": "thriftgate:usage"})
