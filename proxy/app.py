@@ -11,9 +11,12 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import IO
+from pathlib import Path
+from typing import IO, Any
 
 import aiohttp
+import orjson
+import structlog
 from aiohttp import web
 
 from proxy import __version__
@@ -41,6 +44,8 @@ class AppState:
     started: float
     shutting_down: bool = False
 
+
+SHARE_EVERY_S = 1.0  # workers: how often each one writes its counters for the others
 
 STATE: web.AppKey[AppState] = web.AppKey("state", AppState)
 SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session", aiohttp.ClientSession)
@@ -98,7 +103,55 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
                 "invalid_admin_token",
             )
     metrics = request.app[METRICS]
-    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
+    others = _other_workers(request.app[SETTINGS].server.metrics_dir)
+    return web.Response(body=metrics.render(others), headers={"Content-Type": metrics.content_type})
+
+
+def _other_workers(metrics_dir: str | None) -> list[dict[str, Any]]:
+    """The other workers' latest snapshots (each rewrites its own file every second)."""
+    if metrics_dir is None:
+        return []
+    own = f"{os.getpid()}.json"
+    out = []
+    for path in Path(metrics_dir).glob("*.json"):
+        if path.name == own:
+            continue
+        try:
+            out.append(orjson.loads(path.read_bytes()))
+        except (OSError, orjson.JSONDecodeError):
+            continue  # a worker that is gone, or a file being replaced
+    return out
+
+
+async def _share_metrics(app: web.Application) -> AsyncIterator[None]:
+    """With workers: write this worker's counters to its file every second."""
+    metrics_dir = app[SETTINGS].server.metrics_dir
+    if metrics_dir is None:
+        yield
+        return
+    path = Path(metrics_dir) / f"{os.getpid()}.json"
+    metrics = app[METRICS]
+
+    def write() -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(orjson.dumps(metrics.snapshot()))
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+    async def loop() -> None:
+        while True:
+            try:
+                write()
+            except OSError as exc:
+                structlog.get_logger("thriftgate").warning("metrics_share_failed", error=repr(exc))
+            await asyncio.sleep(SHARE_EVERY_S)
+
+    task = asyncio.get_running_loop().create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    with contextlib.suppress(OSError):
+        write()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -196,6 +249,7 @@ def create_app(
     app[ALERTS] = alerts
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(_share_metrics)
     app.on_startup.append(cache.startup)  # after the cleanup contexts: Redis is open
     app.on_startup.append(budget.startup)
     app.on_startup.append(ratelimit.startup)

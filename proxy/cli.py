@@ -7,9 +7,11 @@ import asyncio
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -231,10 +233,13 @@ def _run(settings: Settings, *, reuse_port: bool) -> None:
 def _supervise(settings: Settings, argv: list[str]) -> int:
     """Run N worker processes on one port (SO_REUSEPORT); forward SIGTERM/SIGINT to them."""
     n = settings.server.workers
+    # the workers share their metrics through files here, so any one of them answers /metrics
+    # for all (a directory of the operator's choosing is kept; ours is removed at the end)
+    own_dir = settings.server.metrics_dir is None
+    metrics_dir = settings.server.metrics_dir or tempfile.mkdtemp(prefix="thriftgate-metrics-")
+    env = {**os.environ, "THRIFTGATE_METRICS_DIR": metrics_dir}
     children = [
-        subprocess.Popen(
-            [sys.executable, "-m", "proxy", *argv, "--worker-index", str(i)],
-        )
+        subprocess.Popen([sys.executable, "-m", "proxy", *argv, "--worker-index", str(i)], env=env)
         for i in range(n)
     ]
     stopping = False
@@ -269,6 +274,8 @@ def _supervise(settings: Settings, argv: list[str]) -> int:
             if not stopping:
                 log.error("worker_exited", pid=pid, code=child.returncode)
                 stop(signal.SIGTERM, None)
+    if own_dir:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return code
 
 

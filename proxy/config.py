@@ -30,6 +30,7 @@ class ServerSettings:
     shutdown_grace_s: float = 30.0
     max_body_bytes: int = 100 * 1024 * 1024
     admin_token: str | None = field(default=None, repr=False)  # protects /metrics when set
+    metrics_dir: str | None = None  # workers share their counters here (set by --workers N)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +257,7 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("server", "shutdown_grace_s"): ("THRIFTGATE_SHUTDOWN_GRACE_S",),
     ("server", "max_body_bytes"): ("THRIFTGATE_MAX_BODY_BYTES",),
     ("server", "admin_token"): ("THRIFTGATE_ADMIN_TOKEN",),
+    ("server", "metrics_dir"): ("THRIFTGATE_METRICS_DIR",),
     ("upstream", "url"): ("THRIFTGATE_UPSTREAM_URL",),
     ("upstream", "api_key"): ("THRIFTGATE_UPSTREAM_API_KEY",),
     ("upstream", "connect_timeout_s"): ("THRIFTGATE_CONNECT_TIMEOUT_S",),

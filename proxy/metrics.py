@@ -104,8 +104,63 @@ class Metrics:
                     hist = into[endpoint] = Histogram()
                 hist.observe(ms / 1000)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, others: list[dict[str, Any]] | None = None) -> bytes:
+        """The text format; with ``others`` (other workers' snapshots) the sum of them all."""
+        if not others:
+            return generate_latest(self.registry)
+        total = Metrics()
+        total.upstreams = self.upstreams  # breaker states: this worker's view
+        for snap in [self.snapshot(), *others]:
+            total.absorb(snap)
+        return generate_latest(total.registry)
+
+    # -- workers: each one's counters, shared through files, summed on scrape --------------------
+
+    _COUNTS = (
+        "cache",
+        "redis_errors",
+        "retries",
+        "breaker_transitions",
+        "budget_rejections",
+        "rate_limited",
+        "requests",
+        "tokens",
+        "cost_usd",
+        "saved_usd",
+    )
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything this worker counted, as JSON-able data (tuple keys become lists)."""
+        snap: dict[str, Any] = {
+            name: [
+                [*(k if isinstance(k, tuple) else (k,)), v] for k, v in getattr(self, name).items()
+            ]
+            for name in self._COUNTS
+        }
+        snap["cache_bytes"] = self.cache_bytes
+        snap["redis_up"] = self.redis_up
+        for name in ("latency", "ttft"):
+            snap[name] = [[k, h.counts, h.sum] for k, h in getattr(self, name).items()]
+        return snap
+
+    def absorb(self, snap: dict[str, Any]) -> None:
+        """Add another worker's snapshot to these counts."""
+        for name in self._COUNTS:
+            into = getattr(self, name)
+            for *labels, value in snap.get(name, ()):
+                key = labels[0] if len(labels) == 1 else tuple(labels)
+                into[key] = into.get(key, 0) + value
+        self.cache_bytes += snap.get("cache_bytes") or 0
+        if snap.get("redis_up") is not None:  # up only if every worker reaches Redis
+            self.redis_up = min(self.redis_up if self.redis_up is not None else 1, snap["redis_up"])
+        for name in ("latency", "ttft"):
+            hists = getattr(self, name)
+            for endpoint, counts, total in snap.get(name, ()):
+                hist = hists.get(endpoint)
+                if hist is None:
+                    hist = hists[endpoint] = Histogram()
+                hist.counts = [a + b for a, b in zip(hist.counts, counts, strict=True)]
+                hist.sum += total
 
 
 def _counter(

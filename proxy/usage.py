@@ -274,7 +274,7 @@ class UsageLog:
         self.redis: RedisGuard | None = None  # with ``redis_stream``: XADD there too
         self.redis_stream = ""
         self.redis_maxlen = 0
-        self._xadds: set[asyncio.Task[Any]] = set()  # the one sender, while it runs
+        self._sender: asyncio.Task[None] | None = None  # sends the backlog, one batch at a time
         self._stream_backlog: list[bytes] = []
         self.stream_dropped = 0  # records not sent to the stream (Redis slow or unavailable)
         self.path = path  # the file the stream appends to, reopened by ``reopen`` (SIGHUP)
@@ -387,10 +387,10 @@ class UsageLog:
             self.stream_dropped += len(lines) - max(room, 0)
             lines = lines[: max(room, 0)]
         self._stream_backlog += lines
-        if not self._xadds and self._stream_backlog:
-            task = asyncio.get_running_loop().create_task(self._send_backlog())
-            self._xadds.add(task)
-            task.add_done_callback(self._xadds.discard)
+        # a task is done as soon as its coroutine returns: a sender that has emptied the backlog
+        # and returned is never counted on to send lines queued after it
+        if self._stream_backlog and (self._sender is None or self._sender.done()):
+            self._sender = asyncio.get_running_loop().create_task(self._send_backlog())
 
     async def _send_backlog(self) -> None:
         assert self.redis is not None
@@ -414,8 +414,8 @@ class UsageLog:
 
     async def drain(self) -> None:
         """Wait for the stream sends under way."""
-        while self._xadds:
-            await asyncio.gather(*list(self._xadds), return_exceptions=True)
+        while self._sender is not None and not self._sender.done():
+            await asyncio.gather(self._sender, return_exceptions=True)
 
     def reopen(self) -> None:
         """Write what is pending, then append to a fresh open of ``path`` (after logrotate moved

@@ -17,6 +17,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from conftest import API_KEY, free_port
 from fake_openai import FakeOpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 
 class Served:
@@ -121,6 +122,29 @@ async def test_workers_share_the_port(tmp_path: Path, upstream: TestServer) -> N
                     pids.add((await r.json())["pid"])
         assert len(pids) == 2
         assert server.proc.pid not in pids
+        # /metrics counts for both workers, whichever answers the scrape
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        for _ in range(10):  # new connections: spread over the workers
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(server.url + "/v1/models", headers=headers) as r,
+            ):
+                assert r.status == 200
+        agreeing = 0
+        async with asyncio.timeout(20):
+            while agreeing < 8:  # eight scrapes in a row (on new connections) see all ten
+                async with aiohttp.ClientSession() as s, s.get(server.url + "/metrics") as r:
+                    text = await r.text()
+                count = sum(
+                    sample.value
+                    for family in text_string_to_metric_families(text)
+                    for sample in family.samples
+                    if sample.name == "thriftgate_requests_total"
+                    and sample.labels["endpoint"] == "/v1/models"
+                )
+                agreeing = agreeing + 1 if count == 10 else 0
+                if count != 10:
+                    await asyncio.sleep(0.1)  # the workers share their counts every second
         server.proc.send_signal(signal.SIGTERM)
         assert await server.wait() == 0
         for pid in pids:

@@ -113,9 +113,13 @@ async def test_breaker_opens_and_lets_a_probe_through_after_the_cooldown(
     now = [1000.0]
     pool.clock = lambda: now[0]
     fake.fail_next(*[Fault(status=500)] * 100)  # "flaky" is down
+    flaky = pool.targets[0]
+    for _ in range(100):  # picks are random (weighted): until "flaky" has failed twice
+        assert (await post(proxy))[0] == 200
+        if flaky.state == OPEN:
+            break
     for _ in range(10):
         assert (await post(proxy))[0] == 200
-    flaky = pool.targets[0]
     assert flaky.state == OPEN
     assert fake.calls() == 2  # after two failures no request was sent to it
     async with aiohttp.ClientSession() as s, s.get(proxy.url + "/readyz") as r:
@@ -123,8 +127,10 @@ async def test_breaker_opens_and_lets_a_probe_through_after_the_cooldown(
     assert states == {"flaky": "open", "steady": "closed"}
     now[0] += 31  # the cooldown is over: one probe goes to "flaky"
     fake.faults.clear()  # ... and it has recovered
-    for _ in range(10):
+    for _ in range(100):
         await post(proxy)
+        if flaky.state == CLOSED and fake.calls() > 3:
+            break
     assert flaky.state == CLOSED
     assert fake.calls() > 3
     async with aiohttp.ClientSession() as s, s.get(proxy.url + "/metrics") as r:
