@@ -35,7 +35,7 @@ class Alerts:
         self.fired: dict[tuple[str, str], float] = {}  # (rule, scope) -> when it last fired
         self.sent: list[dict[str, Any]] = []  # the alerts fired, newest last (bounded)
         self._spend: dict[str, float] = {}  # "h2026112210" / "d20261122" -> USD
-        self._key_spend: dict[tuple[str, str], float] = {}  # (day, key) -> USD
+        self._key_spend: dict[tuple[str, str], float] = {}  # (hour or day, key) -> USD
         self._window: collections.deque[tuple[float, bool, bool, bool]] = collections.deque()
         self._errors = self._cacheable = self._hits = 0
         self._session: aiohttp.ClientSession | None = None
@@ -43,6 +43,7 @@ class Alerts:
         self._spend_rules = bool(
             settings.spend_usd_per_hour
             or settings.spend_usd_per_day
+            or settings.key_spend_usd_per_hour
             or settings.key_spend_usd_per_day
         )
 
@@ -74,7 +75,7 @@ class Alerts:
             if len(self._spend) > 64:
                 self._spend = {k: v for k, v in self._spend.items() if k in (hour, day)}
             if len(self._key_spend) > 100_000:
-                self._key_spend = {k: v for k, v in self._key_spend.items() if k[0] == day}
+                self._key_spend = {k: v for k, v in self._key_spend.items() if k[0] in (hour, day)}
             self._spend[hour] = spent_hour = self._spend.get(hour, 0.0) + cost
             self._spend[day] = spent_day = self._spend.get(day, 0.0) + cost
             if s.spend_usd_per_hour and spent_hour > s.spend_usd_per_hour:
@@ -96,18 +97,23 @@ class Alerts:
                     threshold_usd=s.spend_usd_per_day,
                 )
             key = str(record.get("key_alias") or record.get("key") or "-")
-            if s.key_spend_usd_per_day:
-                k = (day, key)
+            for period, label, threshold in (
+                ("hour", hour, s.key_spend_usd_per_hour),
+                ("day", day, s.key_spend_usd_per_day),
+            ):
+                if not threshold:
+                    continue
+                k = (label, key)
                 self._key_spend[k] = spent = self._key_spend.get(k, 0.0) + cost
-                if spent > s.key_spend_usd_per_day:
+                if spent > threshold:
                     self.fire(
-                        "key_spend_per_day",
+                        f"key_spend_per_{period}",
                         key,
-                        f"thriftgate: key {key} spent ${spent:,.2f} today (UTC), over the alert "
-                        f"threshold of ${s.key_spend_usd_per_day:,.2f}",
+                        f"thriftgate: key {key} spent ${spent:,.2f} this {period} (UTC), over "
+                        f"the alert threshold of ${threshold:,.2f}",
                         key=key,
                         spent_usd=round(spent, 6),
-                        threshold_usd=s.key_spend_usd_per_day,
+                        threshold_usd=threshold,
                     )
         if s.error_rate or s.cache_hit_rate_below:
             self._slide(now, record)

@@ -218,6 +218,7 @@ def create_app(
         settings.optimize,
         metrics,
         alerts=alerts,
+        force_stream_usage=settings.usage.force_stream_usage,
     )
     ratelimit = RateLimitStage(
         settings.ratelimit,

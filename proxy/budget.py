@@ -43,7 +43,8 @@ from proxy.pricing import PriceTable
 from proxy.store import REDIS, RedisGuard
 from proxy.tokens import Catalogue, Count, count_request_async
 from proxy.types import Handler, Stage
-from proxy.usage import token_fields
+from proxy.upstream import Outcome, Reply
+from proxy.usage import UsageStripper, token_fields
 
 PROMPT_TOKENS_HEADER = "x-thriftgate-prompt-tokens"
 NANO = 1_000_000_000  # USD budgets are counted in nano-dollars (integers, exact in Lua)
@@ -242,8 +243,10 @@ class BudgetStage(Stage):
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         alerts: Alerts | None = None,
+        force_stream_usage: bool = False,
     ) -> None:
         self.alerts = alerts
+        self.force_usage = force_stream_usage
         self.catalogue = catalogue
         self.keys = keys
         self.prices = prices
@@ -276,12 +279,45 @@ class BudgetStage(Stage):
         ctx.prompt_estimate = count.tokens
         self._guard(ctx, count)
         ctx.output_limit = requested_output(ctx.body)
+        strip = self._force_stream_usage(ctx)
         limits = self.keys.limits(ctx.key)
         if limits.budgeted:
             await self._reserve(ctx, limits)
         resp = await handler(request)
         resp.headers[PROMPT_TOKENS_HEADER] = str(count.tokens)
+        if strip and isinstance(resp, Reply) and resp.status < 300:
+            self._strip_usage(ctx, resp)
         return resp
+
+    # -- exact usage for streams ------------------------------------------------------------------
+
+    def _force_stream_usage(self, ctx: RequestContext) -> bool:
+        """With ``usage.force_stream_usage``: ask for the usage chunk the client did not ask for
+        (the request sent upstream changes; the client's stream will not)."""
+        if not self.force_usage or not ctx.stream or ctx.endpoint == "/v1/embeddings":
+            return False
+        assert ctx.body is not None
+        options = ctx.body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return False
+        if options is not None and not isinstance(options, dict):
+            return False  # the upstream will refuse it as it is; leave that to it
+        ctx.body = {**ctx.body, "stream_options": {**(options or {}), "include_usage": True}}
+        ctx.raw = orjson.dumps(ctx.body)
+        return True
+
+    @staticmethod
+    def _strip_usage(ctx: RequestContext, reply: Reply) -> None:
+        if reply.headers.get("Content-Encoding"):  # a compressed stream is passed as it is
+            return
+        stripper = UsageStripper()
+        reply.transform = stripper
+
+        def keep(outcome: Outcome) -> None:
+            if stripper.usage is not None:
+                ctx.usage = stripper.usage
+
+        reply.on_done.insert(0, keep)  # before the usage log reads ctx.usage
 
     # -- optimisations ---------------------------------------------------------------------------
 

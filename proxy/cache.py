@@ -418,8 +418,9 @@ class CacheStage(Stage):
                         body = None
             entry = None
             if body is not None:
-                # the usage log reads it from here too, instead of parsing the body again
-                ctx.usage = usage_of(resp.headers.get("Content-Type"), body)
+                # the usage log reads it from here too, instead of parsing the body again (a
+                # stream whose usage chunk was taken out has its usage in ctx already)
+                ctx.usage = usage_of(resp.headers.get("Content-Type"), body) or ctx.usage
                 now = time.time()
                 entry = Entry(resp.status, _replayed(resp.headers), body, now, ctx.usage, now + ttl)
             self._land(key, leader, entry)

@@ -62,6 +62,7 @@ class UsageSettings:
     enabled: bool = True
     redis_stream: str | None = None  # also XADD each record to this Redis stream (needs Redis)
     redis_stream_maxlen: int = 1_000_000  # the stream is trimmed to about this many records
+    force_stream_usage: bool = False  # ask for the usage chunk, strip it before the client sees it
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +148,8 @@ class AlertSettings:
     cooldown_s: float = 3600.0
     spend_usd_per_hour: float = 0.0  # everything spent in the current UTC hour
     spend_usd_per_day: float = 0.0  # ...in the current UTC day
-    key_spend_usd_per_day: float = 0.0  # any one key, in the current UTC day
+    key_spend_usd_per_hour: float = 0.0  # any one key, in the current UTC hour
+    key_spend_usd_per_day: float = 0.0  # ...in the current UTC day
     budget_warn_fraction: float = 0.8  # a key's budget this far used (and when it is spent)
     error_rate: float = 0.0  # share of requests failing upstream (5xx) within window_s
     cache_hit_rate_below: float = 0.0  # hit rate of cacheable requests within window_s
@@ -266,6 +268,7 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("upstream", "idle_timeout_s"): ("THRIFTGATE_IDLE_TIMEOUT_S",),
     ("usage", "log_path"): ("THRIFTGATE_USAGE_LOG",),
     ("usage", "redis_stream"): ("THRIFTGATE_USAGE_REDIS_STREAM",),
+    ("usage", "force_stream_usage"): ("THRIFTGATE_FORCE_STREAM_USAGE",),
     ("redis", "url"): ("THRIFTGATE_REDIS_URL", "REDIS_URL"),
     ("redis", "timeout_s"): ("THRIFTGATE_REDIS_TIMEOUT_S",),
     ("cache", "enabled"): ("THRIFTGATE_CACHE",),

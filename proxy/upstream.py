@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 import structlog
@@ -78,6 +79,14 @@ Observer = Callable[[bytes], None]
 DoneCallback = Callable[[Outcome], None]
 
 
+class Transform(Protocol):
+    """Rewrites a streamed body on its way to the client (observers see the rewritten bytes)."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+
 class Reply(web.StreamResponse):
     """A response whose body comes from the ``upstream`` response (or is the fixed ``body``),
     sent when aiohttp sends it."""
@@ -98,6 +107,7 @@ class Reply(web.StreamResponse):
         self._done = False
         self.observers: list[Observer] = []
         self.on_done: list[DoneCallback] = []
+        self.transform: Transform | None = None  # streamed bodies only
         if body is not None:
             self.content_length = len(body)
             self._read_whole = False
@@ -162,7 +172,9 @@ class Reply(web.StreamResponse):
                 await super().write_eof(self._fixed)
             else:
                 assert self._upstream is not None
-                async for chunk in self._upstream.content.iter_any():
+                transform = self.transform
+                async for raw in self._upstream.content.iter_any():
+                    chunk = transform.feed(raw) if transform is not None else raw
                     if not chunk:
                         continue
                     if first is None:
@@ -171,7 +183,12 @@ class Reply(web.StreamResponse):
                         observe(chunk)
                     await self.write(chunk)
                     sent += len(chunk)
-                await super().write_eof(data)
+                rest = transform.end() if transform is not None else b""
+                if rest:
+                    for observe in self.observers:
+                        observe(rest)
+                    sent += len(rest)
+                await super().write_eof(rest + data)
         except asyncio.CancelledError:
             self._finish(Outcome("client_disconnected", sent, first))
             raise

@@ -68,7 +68,17 @@ class UsageRecorder:
     """Observer of a reply's body that extracts the upstream's ``usage`` object, and for a stream
     the client asked for without usage (``collect_text``), the text it streamed."""
 
-    __slots__ = ("_buf", "_decoder", "_line", "_too_big", "json", "sse", "text", "text_chars")
+    __slots__ = (
+        "_buf",
+        "_decoder",
+        "_line",
+        "_too_big",
+        "json",
+        "model",
+        "sse",
+        "text",
+        "text_chars",
+    )
 
     def __init__(
         self, content_type: str | None, content_encoding: str | None, collect_text: bool = False
@@ -82,6 +92,7 @@ class UsageRecorder:
         self.text: list[str] | None = [] if collect_text and self.sse else None
         self.text_chars = 0
         self._line = b""
+        self.model: str | None = None  # the answer's own "model", once usage() has read it
 
     def feed(self, chunk: bytes) -> None:
         if self._too_big:
@@ -141,9 +152,13 @@ class UsageRecorder:
                 body = orjson.loads(self._buf)
             except orjson.JSONDecodeError:
                 return None
-            found = body.get("usage") if isinstance(body, dict) else None
-            if found is None and isinstance(body, dict) and isinstance(body.get("response"), dict):
-                found = body["response"].get("usage")  # Responses API envelope events
+            if not isinstance(body, dict):
+                return None
+            if isinstance(body.get("response"), dict):  # Responses API envelope events
+                body = body["response"]
+            found = body.get("usage")
+            if isinstance(body.get("model"), str):
+                self.model = body["model"]
             return found if isinstance(found, dict) else None
         return _usage_from_sse(bytes(self._buf))
 
@@ -225,6 +240,47 @@ def estimated_usage(ctx: RequestContext, text: str | None) -> dict[str, Any] | N
         "completion_tokens": completion,
         "total_tokens": ctx.prompt_estimate + completion,
     }
+
+
+class UsageStripper:
+    """For ``usage.force_stream_usage``: the upstream was asked for the usage chunk the client did
+    not ask for; take it out of the stream (keeping the usage) and take out the ``"usage":null``
+    each other chunk then carries, so the client gets the bytes it would have got."""
+
+    __slots__ = ("_buf", "usage")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._buf + chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self._buf = data
+            return b""
+        self._buf = data[cut + 2 :]
+        return b"".join(self._event(e) for e in data[: cut + 2].split(b"\n\n") if e)
+
+    def end(self) -> bytes:
+        rest, self._buf = self._buf, b""
+        return self._event(rest) if rest else b""
+
+    def _event(self, event: bytes) -> bytes:
+        if b'"usage":' not in event:
+            return event + b"\n\n"
+        if b'"choices":[]' in event and event.startswith(b"data:"):
+            try:
+                found = orjson.loads(event[5:]).get("usage")
+            except (orjson.JSONDecodeError, AttributeError):
+                found = None
+            if isinstance(found, dict):
+                self.usage = found
+                return b""  # the usage chunk: the client did not ask for it
+        for null in (b',"usage":null', b'"usage":null,'):
+            if null in event:
+                return event.replace(null, b"", 1) + b"\n\n"
+        return event + b"\n\n"
 
 
 STREAM_BACKLOG = 10_000  # usage records queued for the Redis stream at most
@@ -347,6 +403,8 @@ class UsageLog:
                 if reply.whole and reply.body_bytes and (recorder.sse or recorder.json):
                     recorder.feed(reply.body_bytes)
                 ctx.usage = recorder.usage()
+                if ctx.model is None and ctx.usage is not None:
+                    ctx.model = recorder.model  # endpoints the proxy does not parse (Responses)
                 if ctx.usage is None:
                     ctx.usage = estimated_usage(ctx, recorder.streamed_text())
             delivered(outcome)

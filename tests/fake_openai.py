@@ -106,6 +106,7 @@ class FakeOpenAI:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/v1/responses", self.responses)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model}", self.model)
         app.router.add_delete("/v1/models/{model}", self.delete_model)
@@ -267,6 +268,36 @@ class FakeOpenAI:
                 }
             ],
             "usage": usage,
+        }
+        return self._json(request, payload)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API, non-streaming: input/output token usage."""
+        req = orjson.loads(await request.read())
+        text = answer_for([{"role": "user", "content": str(req.get("input", ""))}])
+        input_tokens = max(1, len(str(req.get("input", ""))) // 4)
+        payload = {
+            "id": f"resp_{uuid.uuid4().hex[:24]}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": f"{req.get('model')}-2024-08-06",
+            "output": [
+                {
+                    "type": "message",
+                    "id": f"msg_{uuid.uuid4().hex[:24]}",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            ],
+            "usage": {
+                "input_tokens": input_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": len(text.split(" ")),
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": input_tokens + len(text.split(" ")),
+            },
         }
         return self._json(request, payload)
 

@@ -152,3 +152,15 @@ def test_window_rules_and_key_spend() -> None:
     alerts.observe({"status": 200, "key_alias": "ci", "key": "def", "cost_usd": 0.6})
     alerts.observe({"status": 200, "key": "abc", "cost_usd": 0.6})
     assert alerts.sent[-1]["alert"] == "key_spend_per_day" and alerts.sent[-1]["key"] == "abc"
+
+
+def test_key_spend_per_hour() -> None:
+    clock = Clock()
+    alerts = Alerts(AlertSettings(key_spend_usd_per_hour=1.0), clock=clock)
+    alerts.observe({"status": 200, "key": "abc", "cost_usd": 0.6})
+    clock.now += 3600  # the next UTC hour: spend starts again
+    alerts.observe({"status": 200, "key": "abc", "cost_usd": 0.6})
+    assert alerts.sent == []
+    alerts.observe({"status": 200, "key": "abc", "cost_usd": 0.6})
+    assert alerts.sent[-1]["alert"] == "key_spend_per_hour"
+    assert "this hour (UTC)" in alerts.sent[-1]["text"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import aiohttp
 import openai
@@ -16,7 +17,7 @@ from proxy import tokens
 from proxy.app import USAGE_LOG
 from proxy.config import ConfigError, load_settings
 from proxy.context import fingerprint, key_of
-from proxy.usage import UsageRecorder
+from proxy.usage import UsageRecorder, UsageStripper
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "count me"}]}
@@ -192,3 +193,117 @@ async def test_usage_records_also_go_to_a_redis_stream(
 def test_redis_stream_needs_redis() -> None:
     with pytest.raises(ConfigError, match="needs a Redis URL"):
         load_settings(env={"THRIFTGATE_USAGE_REDIS_STREAM": "thriftgate:usage"})
+
+
+def test_usage_stripper_takes_out_what_include_usage_added() -> None:
+    plain = [
+        b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n',
+        b'data: {"id":"c1","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    forced = [
+        plain[0].replace(b"]}\n", b'],"usage":null}\n'),
+        plain[1].replace(b"]}\n", b'],"usage":null}\n'),
+        b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,'
+        b'"total_tokens":4}}\n\n',
+        plain[2],
+    ]
+    body = b"".join(forced)
+    for size in (1, 5, 64, len(body)):  # however the upstream's chunks fall
+        stripper = UsageStripper()
+        out = b"".join(stripper.feed(body[i : i + size]) for i in range(0, len(body), size))
+        out += stripper.end()
+        assert out == b"".join(plain)
+        assert stripper.usage == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+
+
+async def test_force_stream_usage_is_exact_and_invisible(
+    make_proxy: MakeProxy, fake: FakeOpenAI
+) -> None:
+    plain = await make_proxy(env={"THRIFTGATE_CACHE": "0"})
+    forced = await make_proxy(env={"THRIFTGATE_FORCE_STREAM_USAGE": "1", "THRIFTGATE_CACHE": "0"})
+    body = {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "count me exactly"}],
+        "stream": True,
+    }
+
+    async def raw_stream(proxy: Proxy) -> bytes:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                proxy.url + "/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            ) as r,
+        ):
+            return await r.read()
+
+    def normalised(stream: bytes) -> list[Any]:  # ids and timestamps differ between calls
+        events = []
+        for line in stream.split(b"\n\n"):
+            if line.startswith(b"data: {"):
+                event = orjson.loads(line[6:])
+                event.pop("id"), event.pop("created")
+                events.append(event)
+            elif line:
+                events.append(line)
+        return events
+
+    got_plain = await raw_stream(plain)
+    got_forced = await raw_stream(forced)
+    assert normalised(got_forced) == normalised(got_plain)  # the client sees no difference
+    assert b'"usage"' not in got_forced
+    upstream_body = orjson.loads(fake.requests[-1].body)
+    assert upstream_body["stream_options"] == {"include_usage": True}  # what was sent upstream
+    record = (await forced.usage.wait(1))[-1]
+    assert record["tokens_source"] == "upstream"
+    assert record["total_tokens"] == fake_usage_total(upstream_body)
+    assert (await plain.usage.wait(1))[-1]["tokens_source"] == "estimated"
+
+
+def fake_usage_total(body: dict[str, Any]) -> int:
+    """What the fake upstream reports for a chat body (its own, simple rule)."""
+    from fake_openai import answer_for
+
+    prompt = max(1, len(orjson.dumps(body["messages"])) // 4)
+    return prompt + len(answer_for(body["messages"]).split(" "))
+
+
+async def test_responses_api_usage_and_cost(proxy: Proxy) -> None:
+    async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY) as client:
+        answer = await client.responses.create(model="gpt-4o", input="what does this cost?")
+    record = (await proxy.usage.wait(1))[-1]
+    assert record["endpoint"] == "/v1/responses"
+    assert record["model"] == "gpt-4o-2024-08-06"  # from the answer: the proxy does not parse it
+    assert record["prompt_tokens"] == answer.usage.input_tokens
+    assert record["completion_tokens"] == answer.usage.output_tokens
+    expected = (answer.usage.input_tokens * 2.5 + answer.usage.output_tokens * 10) / 1e6
+    assert record["cost_usd"] == pytest.approx(expected)
+
+
+async def test_the_raw_key_never_reaches_any_log(
+    make_proxy: MakeProxy, fake: FakeOpenAI, app_logs: LogSink, redis_url: str
+) -> None:
+    proxy = await make_proxy(
+        env={"REDIS_URL": redis_url, "THRIFTGATE_TOKENS_PER_DAY": "20", "THRIFTGATE_RPM": "3"}
+    )
+    before = len(app_logs.getvalue())
+    async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY, max_retries=0) as c:
+        await c.embeddings.create(model="text-embedding-3-small", input="a")  # fits the budget
+        for _ in range(3):  # then the budget, and the rate limit, refuse
+            with pytest.raises(openai.APIStatusError):
+                await c.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "x"}]
+                )
+    fake.fail_next(Fault(status=500))
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(proxy.url + "/v1/models", headers={**AUTH, "x-thriftgate-max-retries": "0"}) as r,
+    ):
+        assert r.status == 500
+    records = await proxy.usage.wait(5)
+    assert {r["key"] for r in records} == {fingerprint(API_KEY)}
+    everything = proxy.usage.getvalue() + app_logs.getvalue()[before:]
+    assert API_KEY.encode() not in everything
+    assert API_KEY[3:].encode() not in everything  # not even without its prefix
