@@ -76,47 +76,33 @@ class Alerts:
                 self._spend = {k: v for k, v in self._spend.items() if k in (hour, day)}
             if len(self._key_spend) > 100_000:
                 self._key_spend = {k: v for k, v in self._key_spend.items() if k[0] in (hour, day)}
-            self._spend[hour] = spent_hour = self._spend.get(hour, 0.0) + cost
-            self._spend[day] = spent_day = self._spend.get(day, 0.0) + cost
-            if s.spend_usd_per_hour and spent_hour > s.spend_usd_per_hour:
-                self.fire(
-                    "spend_per_hour",
-                    "all",
-                    f"thriftgate: ${spent_hour:,.2f} spent this hour (UTC), over the alert "
-                    f"threshold of ${s.spend_usd_per_hour:,.2f}",
-                    spent_usd=round(spent_hour, 6),
-                    threshold_usd=s.spend_usd_per_hour,
-                )
-            if s.spend_usd_per_day and spent_day > s.spend_usd_per_day:
-                self.fire(
-                    "spend_per_day",
-                    "all",
-                    f"thriftgate: ${spent_day:,.2f} spent today (UTC), over the alert threshold "
-                    f"of ${s.spend_usd_per_day:,.2f}",
-                    spent_usd=round(spent_day, 6),
-                    threshold_usd=s.spend_usd_per_day,
-                )
             key = str(record.get("key_alias") or record.get("key") or "-")
-            for period, label, threshold in (
-                ("hour", hour, s.key_spend_usd_per_hour),
-                ("day", day, s.key_spend_usd_per_day),
+            for period, label, overall, per_key in (
+                ("hour", hour, s.spend_usd_per_hour, s.key_spend_usd_per_hour),
+                ("day", day, s.spend_usd_per_day, s.key_spend_usd_per_day),
             ):
-                if not threshold:
-                    continue
-                k = (label, key)
-                self._key_spend[k] = spent = self._key_spend.get(k, 0.0) + cost
-                if spent > threshold:
-                    self.fire(
-                        f"key_spend_per_{period}",
-                        key,
-                        f"thriftgate: key {key} spent ${spent:,.2f} this {period} (UTC), over "
-                        f"the alert threshold of ${threshold:,.2f}",
-                        key=key,
-                        spent_usd=round(spent, 6),
-                        threshold_usd=threshold,
-                    )
+                self._spend[label] = spent = self._spend.get(label, 0.0) + cost
+                if overall and spent > overall:
+                    self._spent(f"spend_per_{period}", "all", period, spent, overall)
+                if per_key:
+                    k = (label, key)
+                    self._key_spend[k] = spent = self._key_spend.get(k, 0.0) + cost
+                    if spent > per_key:
+                        self._spent(f"key_spend_per_{period}", key, period, spent, per_key)
         if s.error_rate or s.cache_hit_rate_below:
             self._slide(now, record)
+
+    def _spent(self, rule: str, scope: str, period: str, spent: float, threshold: float) -> None:
+        who = "" if scope == "all" else f"key {scope} "
+        self.fire(
+            rule,
+            scope,
+            f"thriftgate: {who}${spent:,.2f} spent this {period} (UTC), over the alert threshold "
+            f"of ${threshold:,.2f}",
+            **({} if scope == "all" else {"key": scope}),
+            spent_usd=round(spent, 6),
+            threshold_usd=threshold,
+        )
 
     def _slide(self, now: float, record: dict[str, Any]) -> None:
         s = self.settings
