@@ -28,6 +28,7 @@ from proxy.context import RequestContextStage, context_of
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable, error_middleware, error_response
 from proxy.keys import Keys
 from proxy.metrics import Metrics
+from proxy.microbatch import EmbeddingsBatcher
 from proxy.pool import Pool
 from proxy.pricing import PriceTable
 from proxy.ratelimit import RateLimitStage
@@ -35,7 +36,7 @@ from proxy.retry import RetryStage, Sleep
 from proxy.store import REDIS, redis_ctx
 from proxy.tokens import Catalogue
 from proxy.types import METRICS, SETTINGS
-from proxy.upstream import Upstream
+from proxy.upstream import Reply, Upstream
 from proxy.usage import UsageLog
 
 
@@ -56,10 +57,20 @@ CACHE: web.AppKey[CacheStage] = web.AppKey("cache", CacheStage)
 BUDGET: web.AppKey[BudgetStage] = web.AppKey("budget", BudgetStage)
 RATELIMIT: web.AppKey[RateLimitStage] = web.AppKey("ratelimit", RateLimitStage)
 ALERTS: web.AppKey[Alerts] = web.AppKey("alerts", Alerts)
+MICROBATCH: web.AppKey[EmbeddingsBatcher] = web.AppKey("microbatch", EmbeddingsBatcher)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
     """The innermost handler: send the request to an upstream, return the reply unsent."""
+    ctx = context_of(request)
+    return await send_upstream(
+        request, ctx.raw if ctx is not None else None, stream=ctx is not None and ctx.stream
+    )
+
+
+async def send_upstream(request: web.Request, body: bytes | None, *, stream: bool) -> Reply:
+    """``request`` with ``body`` (None: the client's body, streamed through) to an upstream of
+    the pool, its breaker told how it went."""
     settings = request.app[SETTINGS]
     pool = request.app[POOL]
     ctx = context_of(request)
@@ -70,11 +81,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
     t0 = time.monotonic()
     try:
         reply = await request.app[UPSTREAM].forward(
-            request,
-            ctx.raw if ctx is not None else None,
-            settings.server.max_body_bytes,
-            target,
-            stream=ctx is not None and ctx.stream,
+            request, body, settings.server.max_body_bytes, target, stream=stream
         )
     except (UpstreamUnavailable, UpstreamTimeout):
         target.failed(pool.clock())
@@ -229,6 +236,7 @@ def create_app(
         or any(t.api_key for t in settings.upstreams),
         sleep=ratelimit_sleep,
     )
+    microbatch = EmbeddingsBatcher(settings.microbatch, metrics, send_upstream)
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[
@@ -238,6 +246,7 @@ def create_app(
             budget,  # tokens counted, optimisations, context guard, per-key budgets
             ratelimit,  # token buckets per key and model: reject or queue
             RetryStage(settings.retry, metrics, sleep=retry_sleep),
+            microbatch,  # opt-in: concurrent embeddings requests sent upstream as one
         ],
     )
     app[SETTINGS] = settings
@@ -248,6 +257,7 @@ def create_app(
     app[BUDGET] = budget
     app[RATELIMIT] = ratelimit
     app[ALERTS] = alerts
+    app[MICROBATCH] = microbatch
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(_share_metrics)
@@ -260,6 +270,7 @@ def create_app(
     app.on_shutdown.append(budget.shutdown)
     app.on_shutdown.append(ratelimit.shutdown)
     app.on_shutdown.append(alerts.shutdown)
+    app.on_shutdown.append(microbatch.shutdown)
     app.on_startup.append(_reopen_on_sighup)
     app.on_startup.append(_usage_to_redis_stream)
     app.on_shutdown.append(_drain_usage_stream)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import structlog
 from aiohttp import web
 
@@ -72,6 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="group by these (key shows the alias when there is one)",
     )
     usage.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    batch = sub.add_parser("batch", help="run a Batch-API input file (Batch API or one by one)")
+    bsub = batch.add_subparsers(dest="batch_command", required=True, metavar="ACTION")
+    brun = bsub.add_parser("run", help="send INPUT.jsonl, write the answers to OUTPUT.jsonl")
+    brun.add_argument("input", help="OpenAI batch input: one {custom_id, method, url, body} a line")
+    brun.add_argument("-o", "--output", required=True, help="results (re-run to resume)")
+    brun.add_argument(
+        "--via",
+        choices=["api", "proxy", "auto"],
+        default="auto",
+        help="api: the Batch API; proxy: one request each; auto (default): api, else proxy",
+    )
+    brun.add_argument("--concurrency", type=int, help="--via proxy: requests at once (16)")
+    brun.add_argument("--base-url", help="OpenAI-compatible base URL (thriftgate's by default)")
+    for action in ("status", "cancel"):
+        b = bsub.add_parser(action, help=f"{action} a batch left running")
+        b.add_argument("batch_id")
+        b.add_argument("--base-url", help="OpenAI-compatible base URL")
     return parser
 
 
@@ -86,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return print_fingerprint(args.key)
     if args.command == "usage":
         return usage_report(args)
+    if args.command == "batch":
+        return batch_command(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
@@ -158,6 +178,64 @@ def usage_report(args: argparse.Namespace) -> int:
     if report.skipped:
         print(f"thriftgate: skipped {report.skipped} malformed lines", file=sys.stderr)
     return 0
+
+
+def batch_command(args: argparse.Namespace) -> int:
+    from proxy import batch
+    from proxy.pricing import PriceTable
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"thriftgate: {exc}", file=sys.stderr)
+        return 2
+    base_url = args.base_url or settings.batch.base_url
+    try:
+        if args.batch_command in ("status", "cancel"):
+            found = asyncio.run(
+                batch.show(
+                    base_url,
+                    settings.batch.api_key,
+                    args.batch_id,
+                    cancel=args.batch_command == "cancel",
+                )
+            )
+            print(json.dumps(found, indent=2))
+            return 0
+        concurrency = args.concurrency or settings.batch.concurrency
+        if concurrency < 1:
+            print("thriftgate: --concurrency must be at least 1", file=sys.stderr)
+            return 2
+        stats = asyncio.run(
+            batch.run(
+                args.input,
+                args.output,
+                via=args.via,
+                base_url=base_url,
+                api_key=settings.batch.api_key,
+                concurrency=concurrency,
+                prices=PriceTable(settings.prices),
+                poll_initial_s=settings.batch.poll_initial_s,
+                poll_max_s=settings.batch.poll_max_s,
+            )
+        )
+    except batch.BatchError as exc:
+        print(f"thriftgate: {exc}", file=sys.stderr)
+        return 2
+    except aiohttp.ClientError as exc:
+        print(f"thriftgate: {base_url} cannot be reached: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "thriftgate: interrupted; what was received is in the output file: re-run the same "
+            "command to go on",
+            file=sys.stderr,
+        )
+        return 130
+    for note in stats.notes:
+        print(f"thriftgate: {note}", file=sys.stderr)
+    print(stats.summary())
+    return 0 if stats.failed == 0 else 1
 
 
 def print_fingerprint(key: str) -> int:

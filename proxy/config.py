@@ -158,6 +158,27 @@ class AlertSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MicrobatchSettings:
+    """Embeddings micro-batching in the proxy (opt-in: merged answers are re-serialised)."""
+
+    embeddings: bool = False
+    window_ms: float = 5.0  # requests arriving this soon after the first are merged with it
+    max_inputs: int = 2048  # OpenAI's limit of inputs per embeddings request
+    max_tokens: int = 300_000  # ...and of tokens summed over them
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSettings:
+    """``thriftgate batch``: where to send, and how."""
+
+    base_url: str = "http://127.0.0.1:8080/v1"  # thriftgate itself by default
+    api_key: str | None = field(default=None, repr=False)
+    concurrency: int = 16  # --via proxy: requests in flight at once
+    poll_initial_s: float = 5.0  # --via api: the first wait between polls of the batch...
+    poll_max_s: float = 60.0  # ...growing 1.5x up to this
+
+
+@dataclass(frozen=True, slots=True)
 class KeyPolicy:
     """A ``[keys."alias"]`` table: who a key is and its own limits (None: the default)."""
 
@@ -213,6 +234,8 @@ _SECTIONS: dict[str, type] = {
     "optimize": OptimizeSettings,
     "ratelimit": RateLimitSettings,
     "alerts": AlertSettings,
+    "batch": BatchSettings,
+    "microbatch": MicrobatchSettings,
 }
 # sections made of named tables: [keys."alias"], [models."name"], [model_limits."p"], [prices."m"]
 _TABLES = ("keys", "models", "model_limits", "prices")
@@ -230,6 +253,8 @@ class Settings:
     optimize: OptimizeSettings = field(default_factory=OptimizeSettings)
     ratelimit: RateLimitSettings = field(default_factory=RateLimitSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    batch: BatchSettings = field(default_factory=BatchSettings)
+    microbatch: MicrobatchSettings = field(default_factory=MicrobatchSettings)
     keys: tuple[KeyPolicy, ...] = ()
     model_limits: tuple[ModelLimit, ...] = ()
     prices: tuple[Price, ...] = ()  # additions to / overrides of the shipped price table
@@ -293,6 +318,10 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("ratelimit", "mode"): ("THRIFTGATE_RATE_LIMIT_MODE",),
     ("ratelimit", "max_wait_s"): ("THRIFTGATE_RATE_LIMIT_MAX_WAIT_S",),
     ("alerts", "webhook_url"): ("THRIFTGATE_ALERT_WEBHOOK",),
+    ("microbatch", "embeddings"): ("THRIFTGATE_EMBEDDINGS_MICROBATCH",),
+    ("microbatch", "window_ms"): ("THRIFTGATE_MICROBATCH_WINDOW_MS",),
+    ("batch", "base_url"): ("THRIFTGATE_BATCH_BASE_URL", "OPENAI_BASE_URL"),
+    ("batch", "api_key"): ("OPENAI_API_KEY",),
     ("alerts", "spend_usd_per_day"): ("THRIFTGATE_ALERT_SPEND_USD_PER_DAY",),
 }
 
@@ -602,6 +631,12 @@ def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
         fail("cache", "local_max_bytes", "must not be negative")
     if s.cache.max_bytes < 1 or s.cache.max_entry_bytes < 1:
         fail("cache", "max_bytes", "sizes must be positive")
+    if s.microbatch.max_inputs < 1 or s.microbatch.max_tokens < 1:
+        fail("microbatch", "max_inputs", "limits must be positive")
+    if s.microbatch.window_ms < 0:
+        fail("microbatch", "window_ms", "must not be negative")
+    if s.batch.concurrency < 1:
+        fail("batch", "concurrency", "must be at least 1")
     for section in ("budget", "optimize", "ratelimit", "alerts"):
         for f in dataclasses.fields(_SECTIONS[section]):
             value = getattr(getattr(s, section), f.name)

@@ -80,6 +80,64 @@ def answer_for(messages: list[dict[str, Any]]) -> str:
     return f"You said: {last}" if last else "Hello! How can I help you today?"
 
 
+def embeddings_payload(req: dict[str, Any]) -> dict[str, Any]:
+    """The answer to an embeddings request body (deterministic vectors, usage by a simple rule)."""
+    raw = req.get("input")
+    if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
+        inputs: list[Any] = [raw]
+    else:
+        inputs = list(raw or [])
+    dims = int(req.get("dimensions") or 64)
+    fmt = req.get("encoding_format", "float")
+    data = []
+    tokens = 0
+    for i, item in enumerate(inputs):
+        text = item if isinstance(item, str) else " ".join(map(str, item))
+        tokens += len(item) if isinstance(item, list) else max(1, len(item) // 4)
+        vec = vector(text, dims)
+        emb: Any = (
+            base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode() if fmt == "base64" else vec
+        )
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return {
+        "object": "list",
+        "data": data,
+        "model": req["model"],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def chat_payload(req: dict[str, Any]) -> dict[str, Any]:
+    """A non-streaming chat completion for a request body (the batch API's answers)."""
+    messages = req.get("messages") or []
+    text = answer_for(messages)
+    prompt = max(1, len(orjson.dumps(messages)) // 4)
+    completion = len(text.split(" "))
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": req.get("model"),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
+
+
+def _public(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+
 class FakeOpenAI:
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
@@ -93,6 +151,15 @@ class FakeOpenAI:
         self.disconnected = asyncio.Event()  # a client went away mid-answer
         self.files: dict[str, bytes] = {}
         self.compress_streams = False
+        self.embedding_calls = 0
+        self.embedding_inputs: list[Any] = []
+        # the Batch API: off to play an upstream without one (404)
+        self.batch_api = True
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.batch_polls_to_finish = 3  # GETs of a batch before it completes
+        self.in_flight = 0  # requests being answered now, and the most at once
+        self.max_in_flight = 0
+        self.slow: asyncio.Event | None = None  # every request waits on it (to measure overlap)
 
     # -- control -----------------------------------------------------------------------------
     def fail_next(self, *faults: Fault) -> None:
@@ -111,6 +178,9 @@ class FakeOpenAI:
         app.router.add_get("/v1/models/{model}", self.model)
         app.router.add_delete("/v1/models/{model}", self.delete_model)
         app.router.add_post("/v1/files", self.upload)
+        app.router.add_post("/v1/batches", self.create_batch)
+        app.router.add_get("/v1/batches/{batch_id}", self.get_batch)
+        app.router.add_post("/v1/batches/{batch_id}/cancel", self.cancel_batch)
         app.router.add_get("/v1/files/{file_id}/content", self.file_content)
         app.router.add_route("*", "/{tail:.*}", self.unknown)
         app.middlewares.append(self._middleware)
@@ -153,7 +223,15 @@ class FakeOpenAI:
                 content_type="application/json",
                 headers=self._headers(),
             )
-        return await handler(request)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.slow is not None:
+                await asyncio.sleep(0)  # let the other requests of a burst arrive
+                await self.slow.wait()
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
 
     def _error(self, fault: Fault) -> web.Response:
         status = fault.status or 500
@@ -387,36 +465,11 @@ class FakeOpenAI:
             req = orjson.loads(await request.read())
         except orjson.JSONDecodeError:
             return self._bad("We could not parse the JSON body of your request.")
-        raw = req.get("input")
-        if raw is None or not req.get("model"):
+        if req.get("input") is None or not req.get("model"):
             return self._bad("'input' is a required property", "input")
-        if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
-            inputs: list[Any] = [raw]
-        else:
-            inputs = list(raw)
-        dims = int(req.get("dimensions") or 64)
-        fmt = req.get("encoding_format", "float")
-        data = []
-        tokens = 0
-        for i, item in enumerate(inputs):
-            text = item if isinstance(item, str) else " ".join(map(str, item))
-            tokens += len(item) if isinstance(item, list) else max(1, len(item) // 4)
-            vec = vector(text, dims)
-            emb: Any = (
-                base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode()
-                if fmt == "base64"
-                else vec
-            )
-            data.append({"object": "embedding", "index": i, "embedding": emb})
-        return self._json(
-            request,
-            {
-                "object": "list",
-                "data": data,
-                "model": req["model"],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            },
-        )
+        self.embedding_calls += 1
+        self.embedding_inputs.append(req["input"])
+        return self._json(request, embeddings_payload(req))
 
     async def models(self, request: web.Request) -> web.Response:
         return self._json(
@@ -487,6 +540,148 @@ class FakeOpenAI:
         return web.Response(
             body=content, content_type="application/octet-stream", headers=self._headers()
         )
+
+    # -- the Batch API -----------------------------------------------------------------------
+    def _no_batch_api(self) -> web.Response | None:
+        if self.batch_api:
+            return None
+        return web.Response(
+            status=404,
+            body=error_body("Invalid URL (POST /v1/batches)", "invalid_request_error", None),
+            content_type="application/json",
+        )
+
+    async def create_batch(self, request: web.Request) -> web.Response:
+        if (missing := self._no_batch_api()) is not None:
+            return missing
+        req = orjson.loads(await request.read())
+        content = self.files.get(req.get("input_file_id", ""))
+        if content is None:
+            return self._bad("No such File object", "input_file_id")
+        now = int(time.time())
+        batch: dict[str, Any] = {
+            "id": f"batch_{uuid.uuid4().hex[:24]}",
+            "object": "batch",
+            "endpoint": req.get("endpoint"),
+            "errors": None,
+            "input_file_id": req["input_file_id"],
+            "completion_window": req.get("completion_window"),
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "completed_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": req.get("metadata"),
+        }
+        lines = [line for line in content.splitlines() if line.strip()]
+        errors = []
+        for n, line in enumerate(lines, 1):
+            try:
+                item = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                errors.append({"code": "invalid_json_line", "message": "not JSON", "line": n})
+                continue
+            if (item.get("body") or {}).get("model") == "reject-batch":
+                errors.append({"code": "invalid_model", "message": "model not allowed", "line": n})
+                continue
+            if item.get("url") != req.get("endpoint"):
+                errors.append(
+                    {
+                        "code": "mismatched_endpoint",
+                        "message": f"The url {item.get('url')} does not match the batch endpoint",
+                        "line": n,
+                    }
+                )
+        if errors:
+            batch["status"] = "failed"
+            batch["errors"] = {"object": "list", "data": errors}
+        batch["request_counts"]["total"] = len(lines)
+        batch["_lines"] = lines
+        batch["_polls"] = 0
+        self.batches[batch["id"]] = batch
+        return self._json(request, _public(batch))
+
+    async def get_batch(self, request: web.Request) -> web.Response:
+        if (missing := self._no_batch_api()) is not None:
+            return missing
+        batch = self.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return web.Response(
+                status=404,
+                body=error_body("No batch found", "invalid_request_error", None),
+                content_type="application/json",
+            )
+        batch["_polls"] += 1
+        if batch["status"] == "validating":
+            batch["status"] = "in_progress"
+        elif batch["status"] == "cancelling":
+            batch["status"] = "cancelled"
+        elif batch["status"] == "in_progress" and batch["_polls"] >= self.batch_polls_to_finish:
+            self._finish_batch(batch)
+        return self._json(request, _public(batch))
+
+    async def cancel_batch(self, request: web.Request) -> web.Response:
+        if (missing := self._no_batch_api()) is not None:
+            return missing
+        batch = self.batches.get(request.match_info["batch_id"])
+        if batch is None:
+            return self._bad("No batch found")
+        if batch["status"] in {"validating", "in_progress"}:
+            batch["status"] = "cancelling"
+        return self._json(request, _public(batch))
+
+    def _finish_batch(self, batch: dict[str, Any]) -> None:
+        """Answer every line (a body with model "fail-me" fails); the output file is written in
+        reverse order, as the real one is in no particular order."""
+        out, err = [], []
+        for line in batch["_lines"]:
+            item = orjson.loads(line)
+            body = item["body"]
+            rid = f"req_{uuid.uuid4().hex}"
+            if body.get("model") == "fail-me":
+                response = {
+                    "status_code": 400,
+                    "request_id": rid,
+                    "body": orjson.loads(
+                        error_body(
+                            "The model `fail-me` does not exist",
+                            "invalid_request_error",
+                            "model_not_found",
+                        )
+                    ),
+                }
+                target = err
+            else:
+                payload = (
+                    embeddings_payload(body)
+                    if batch["endpoint"] == "/v1/embeddings"
+                    else chat_payload(body)
+                )
+                response = {"status_code": 200, "request_id": rid, "body": payload}
+                target = out
+            target.append(
+                orjson.dumps(
+                    {
+                        "id": f"batch_req_{uuid.uuid4().hex[:24]}",
+                        "custom_id": item["custom_id"],
+                        "response": response,
+                        "error": None,
+                    }
+                )
+            )
+        for lines, key in ((out, "output_file_id"), (err, "error_file_id")):
+            if lines:
+                file_id = f"file-{uuid.uuid4().hex[:24]}"
+                self.files[file_id] = b"\n".join(reversed(lines)) + b"\n"
+                batch[key] = file_id
+        batch["status"] = "completed"
+        batch["completed_at"] = int(time.time())
+        batch["request_counts"] = {
+            "total": len(out) + len(err),
+            "completed": len(out),
+            "failed": len(err),
+        }
 
     async def unknown(self, request: web.Request) -> web.Response:
         return web.Response(
