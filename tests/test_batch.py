@@ -285,3 +285,42 @@ async def test_status_and_cancel_commands(
     cancelled = await asyncio.to_thread(cli, "cancel")
     assert cancelled.returncode == 0 and '"status": "cancelling"' in cancelled.stdout
     assert fake.batches[batch_id]["status"] == "cancelling"
+
+
+async def test_the_cli_runs_and_summarises(
+    upstream: TestServer, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    import os
+
+    path = write_input(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
+    output = tmp_path / "out.jsonl"
+    fake.batch_api = False  # auto: straight to individual requests
+
+    def cli() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "proxy",
+                "batch",
+                "run",
+                path,
+                "-o",
+                str(output),
+                "--base-url",
+                str(upstream.make_url("/v1")),
+                "--concurrency",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OPENAI_API_KEY": API_KEY},
+        )
+
+    out = await asyncio.to_thread(cli)
+    assert out.returncode == 0, out.stderr
+    assert "3 requests via proxy: 3 succeeded, 0 failed, 0 already answered, cost $" in out.stdout
+    assert "sending individual requests instead" in out.stderr
+    assert "batch: 3/3 done" in out.stderr  # plain progress lines: not a terminal
+    again = await asyncio.to_thread(cli)
+    assert "0 succeeded, 0 failed, 3 already answered" in again.stdout
