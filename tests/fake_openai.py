@@ -602,16 +602,24 @@ class FakeOpenAI:
         self.batches[batch["id"]] = batch
         return self._json(request, _public(batch))
 
-    async def get_batch(self, request: web.Request) -> web.Response:
+    def _batch(self, request: web.Request) -> tuple[dict[str, Any] | None, web.Response | None]:
+        """The batch a request names, or the answer to give instead (no Batch API, no batch)."""
         if (missing := self._no_batch_api()) is not None:
-            return missing
+            return None, missing
         batch = self.batches.get(request.match_info["batch_id"])
         if batch is None:
-            return web.Response(
+            return None, web.Response(
                 status=404,
                 body=error_body("No batch found", "invalid_request_error", None),
                 content_type="application/json",
             )
+        return batch, None
+
+    async def get_batch(self, request: web.Request) -> web.Response:
+        batch, missing = self._batch(request)
+        if batch is None:
+            assert missing is not None
+            return missing
         batch["_polls"] += 1
         if batch["status"] == "validating":
             batch["status"] = "in_progress"
@@ -622,11 +630,10 @@ class FakeOpenAI:
         return self._json(request, _public(batch))
 
     async def cancel_batch(self, request: web.Request) -> web.Response:
-        if (missing := self._no_batch_api()) is not None:
-            return missing
-        batch = self.batches.get(request.match_info["batch_id"])
+        batch, missing = self._batch(request)
         if batch is None:
-            return self._bad("No batch found")
+            assert missing is not None
+            return missing
         if batch["status"] in {"validating", "in_progress"}:
             batch["status"] = "cancelling"
         return self._json(request, _public(batch))

@@ -60,6 +60,31 @@ async def run(proxy: Proxy, input_path: str, output: Path, via: str, **kwargs: A
     return await batch.run(input_path, str(output), **options)
 
 
+def cli_run(
+    input_path: str, output: str, base_url: str, *more: str
+) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "batch",
+            "run",
+            input_path,
+            "-o",
+            output,
+            "--base-url",
+            base_url,
+            *more,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OPENAI_API_KEY": API_KEY},
+    )
+
+
 def test_invalid_lines_are_reported_with_their_numbers(tmp_path: Path) -> None:
     good = chat_line(1)
     path = tmp_path / "in.jsonl"
@@ -91,22 +116,7 @@ def test_the_cli_sends_nothing_when_the_input_has_problems(
     tmp_path: Path, upstream: TestServer, fake: FakeOpenAI
 ) -> None:
     path = write_input(tmp_path / "in.jsonl", [chat_line(1), chat_line(1)])
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "proxy",
-            "batch",
-            "run",
-            path,
-            "-o",
-            str(tmp_path / "out.jsonl"),
-            "--base-url",
-            str(upstream.make_url("/v1")),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    out = cli_run(path, str(tmp_path / "out.jsonl"), str(upstream.make_url("/v1")))
     assert out.returncode == 2
     assert "line 2: custom_id 'req-1' repeats line 1" in out.stderr
     assert "nothing was sent" in out.stderr
@@ -290,32 +300,12 @@ async def test_status_and_cancel_commands(
 async def test_the_cli_runs_and_summarises(
     upstream: TestServer, fake: FakeOpenAI, tmp_path: Path
 ) -> None:
-    import os
-
     path = write_input(tmp_path / "in.jsonl", [chat_line(i) for i in range(3)])
     output = tmp_path / "out.jsonl"
     fake.batch_api = False  # auto: straight to individual requests
 
     def cli() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "proxy",
-                "batch",
-                "run",
-                path,
-                "-o",
-                str(output),
-                "--base-url",
-                str(upstream.make_url("/v1")),
-                "--concurrency",
-                "2",
-            ],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "OPENAI_API_KEY": API_KEY},
-        )
+        return cli_run(path, str(output), str(upstream.make_url("/v1")), "--concurrency", "2")
 
     out = await asyncio.to_thread(cli)
     assert out.returncode == 0, out.stderr
