@@ -246,7 +246,9 @@ def create_app(
             budget,  # tokens counted, optimisations, context guard, per-key budgets
             ratelimit,  # token buckets per key and model: reject or queue
             RetryStage(settings.retry, metrics, sleep=retry_sleep),
-            microbatch,  # opt-in: concurrent embeddings requests sent upstream as one
+            # opt-in: concurrent embeddings requests sent upstream as one (when off, not in the
+            # chain at all: a layer costs every request a few microseconds)
+            *([microbatch] if settings.microbatch.embeddings else []),
         ],
     )
     app[SETTINGS] = settings
