@@ -170,10 +170,11 @@ class MemoryBuckets:
         self._sweep_at = max(4096, 2 * len(self.state))
 
 
-# KEYS: buckets. ARGV[1]: 1 to charge regardless; then capacity, rate per ms, cost for each.
-# Refills every bucket on Redis's own clock; charges all of them only if all have room.
-# Returns {1|0, wait in ms, level 1, level 2, ...} (levels as strings: Lua numbers would be
-# truncated to integers).
+# KEYS: buckets. ARGV[1]: 1 to charge regardless; then capacity, rate per ms, cost and a
+# settlement carried over (tokens to add to the charge, negative to give back) for each.
+# Refills every bucket on Redis's own clock and applies the settlements; charges all of them only
+# if all have room. Returns {1|0, wait in ms, level 1, level 2, ...} (levels as strings: Lua
+# numbers would be truncated to integers).
 TAKE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -181,36 +182,42 @@ local force = ARGV[1] == '1'
 local levels = {}
 local wait = 0
 for i = 1, #KEYS do
-  local cap = tonumber(ARGV[3 * i - 1])
-  local rate = tonumber(ARGV[3 * i])
-  local cost = tonumber(ARGV[3 * i + 1])
+  local cap = tonumber(ARGV[4 * i - 2])
+  local rate = tonumber(ARGV[4 * i - 1])
+  local cost = tonumber(ARGV[4 * i])
   local s = redis.call('HMGET', KEYS[i], 'l', 't')
   local level = cap
   if s[1] then
     level = math.min(cap, tonumber(s[1]) + math.max(0, now - tonumber(s[2])) * rate)
   end
+  level = level - tonumber(ARGV[4 * i + 1])
   levels[i] = level
   if level < cost then wait = math.max(wait, (cost - level) / rate) end
 end
-local out = {1, 0}
-if wait > 0 and not force then
-  out = {0, math.ceil(wait)}
-else
-  for i = 1, #KEYS do
-    local cap = tonumber(ARGV[3 * i - 1])
-    local rate = tonumber(ARGV[3 * i])
-    levels[i] = levels[i] - tonumber(ARGV[3 * i + 1])
+local ok = not (wait > 0 and not force)
+for i = 1, #KEYS do
+  local cap = tonumber(ARGV[4 * i - 2])
+  local rate = tonumber(ARGV[4 * i - 1])
+  if ok then levels[i] = levels[i] - tonumber(ARGV[4 * i]) end
+  if ok or tonumber(ARGV[4 * i + 1]) ~= 0 then
     redis.call('HSET', KEYS[i], 'l', tostring(levels[i]), 't', tostring(now))
-    redis.call('PEXPIRE', KEYS[i], math.ceil((cap - levels[i]) / rate) + 1000)
+    redis.call('PEXPIRE', KEYS[i], math.max(1, math.ceil((cap - levels[i]) / rate)) + 1000)
   end
 end
+local out = {1, 0}
+if not ok then out = {0, math.ceil(wait)} end
 for i = 1, #KEYS do out[i + 2] = tostring(levels[i]) end
 return out
 """
 
+SETTLE_EVERY_S = 1.0  # Redis: settlements not carried by a take within this are sent alone
+
 
 class RedisBuckets:
-    """Buckets in Redis, shared by every replica; in memory while Redis is unavailable."""
+    """Buckets in Redis, shared by every replica; in memory while Redis is unavailable.
+
+    A settlement is not a round trip of its own: it is carried by the next take of the same
+    bucket (one script call per request), or sent with the others within ``SETTLE_EVERY_S``."""
 
     name = "redis"
 
@@ -218,20 +225,72 @@ class RedisBuckets:
         self.guard = guard
         self.fallback = fallback
         self.script = guard.client.register_script(TAKE_LUA)
+        self.pending: dict[str, tuple[Bucket, float]] = {}  # settlements not yet in Redis
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
 
-    async def _run(self, client: Redis, buckets: Sequence[Bucket], force: bool) -> Verdict:
+    async def _run(
+        self, client: Redis, buckets: Sequence[Bucket], carried: list[float], force: bool
+    ) -> Verdict:
         args: list[Any] = [1 if force else 0]
-        for b in buckets:
-            args += (b.capacity, b.rate / 1000, b.cost)
+        for b, adjust in zip(buckets, carried, strict=True):
+            args += (b.capacity, b.rate / 1000, b.cost, adjust)
         out = await self.script(keys=[b.name for b in buckets], args=args, client=client)
         levels = tuple(float(v) for v in out[2:])
         return Verdict(bool(int(out[0])), int(out[1]) / 1000, levels)
 
     async def take(self, buckets: Sequence[Bucket], *, force: bool = False) -> Verdict:
-        verdict = await self.guard.call("ratelimit", lambda c: self._run(c, buckets, force), None)
+        carried = [self.pending.pop(b.name, (b, 0.0))[1] for b in buckets]
+        verdict = await self.guard.call(
+            "ratelimit", lambda c: self._run(c, buckets, carried, force), None
+        )
         if verdict is None:  # Redis unavailable: local buckets (the guard has said so)
+            self._keep(list(zip(buckets, carried, strict=True)))
             return self.fallback.take_now(buckets, force=force)
         return verdict
+
+    def settle(self, adjustments: Sequence[Bucket]) -> None:
+        """Charge (or give back) ``cost`` of each bucket with its next take, or within a second."""
+        self._keep([(b, b.cost) for b in adjustments])
+        if self._timer is None and self.pending:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(SETTLE_EVERY_S, self._flush_later)
+
+    def _keep(self, items: list[tuple[Bucket, float]]) -> None:
+        for bucket, delta in items:
+            if delta:
+                _, before = self.pending.get(bucket.name, (bucket, 0.0))
+                self.pending[bucket.name] = (bucket, before + delta)
+
+    def _flush_later(self) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self.flush())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def flush(self) -> None:
+        """Send every pending settlement now, in one script call."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.pending:
+            return
+        items, self.pending = list(self.pending.values()), {}
+        buckets = [Bucket(b.name, b.scope, b.kind, b.capacity, b.rate, 0.0) for b, _ in items]
+        carried = [delta for _, delta in items]
+        done = await self.guard.call(
+            "ratelimit", lambda c: self._run(c, buckets, carried, True), None
+        )
+        if done is None:  # Redis unavailable: the local buckets take them
+            self.fallback.take_now(
+                [Bucket(b.name, b.scope, b.kind, b.capacity, b.rate, d) for b, d in items],
+                force=True,
+            )
+
+    async def drain(self) -> None:
+        await self.flush()
+        if self._flushing:
+            await asyncio.gather(*list(self._flushing), return_exceptions=True)
 
 
 # -- the stage -----------------------------------------------------------------------------------
@@ -265,7 +324,6 @@ class RateLimitStage(Stage):
         self.buckets: Buckets = MemoryBuckets(self.now)
         self.queues: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self.held_until: dict[tuple[str | None, str], float] = {}  # adaptive: (key, model)
-        self._tasks: set[asyncio.Task[Any]] = set()
         # adaptive holding makes clients wait at the proxy, so it works in queue mode only
         self.adaptive = settings.adaptive and settings.mode == "queue"
         self.enabled = bool(
@@ -284,9 +342,9 @@ class RateLimitStage(Stage):
             self.buckets = RedisBuckets(guard, MemoryBuckets(self.now))
 
     async def shutdown(self, app: web.Application) -> None:
-        """Wait for the settlements still on their way to Redis."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        """Send the settlements still waiting for Redis."""
+        if isinstance(self.buckets, RedisBuckets):
+            await self.buckets.drain()
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
@@ -471,12 +529,10 @@ class RateLimitStage(Stage):
         if not delta or not tokens:
             return
         adjust = [Bucket(b.name, b.scope, b.kind, b.capacity, b.rate, delta) for b in tokens]
-        if isinstance(self.buckets, MemoryBuckets):
+        if isinstance(self.buckets, RedisBuckets):
+            self.buckets.settle(adjust)  # carried by the next take, or sent within a second
+        elif isinstance(self.buckets, MemoryBuckets):
             self.buckets.take_now(adjust, force=True)
-        else:
-            task = asyncio.get_running_loop().create_task(self.buckets.take(adjust, force=True))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
 
     def _count(self, outcome: str) -> None:
         counts = self.metrics.rate_limited

@@ -10,13 +10,21 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import redis.asyncio as redis
 from conftest import API_KEY, MakeProxy, Proxy, RedisServer
 from fake_openai import FakeOpenAI
 
 from proxy import tokens
 from proxy.app import RATELIMIT
 from proxy.context import fingerprint
-from proxy.ratelimit import Bucket, MemoryBuckets, RateLimitStage, format_duration, parse_duration
+from proxy.ratelimit import (
+    Bucket,
+    MemoryBuckets,
+    RateLimitStage,
+    RedisBuckets,
+    format_duration,
+    parse_duration,
+)
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Cache-Control": "no-store"}
 FP = fingerprint(API_KEY)
@@ -356,3 +364,38 @@ async def test_adaptive_hold_queues_when_the_upstream_is_nearly_spent(
     assert record["rate_limited_ms"] >= 2500
     assert (await post(proxy, chat("free")))[0] == 200  # the hold is over
     assert clock.now - started < 4
+
+
+async def test_redis_settlements_ride_on_the_next_take(
+    make_proxy: MakeProxy, fake: FakeOpenAI, redis_url: str, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "t.toml"
+    cfg.write_text("[ratelimit]\ntpm = 60\ntpm_burst = 100000\n")  # refills 1 token a second
+    proxy = await make_proxy(env={"REDIS_URL": redis_url, "THRIFTGATE_CONFIG": str(cfg)})
+    buckets = proxy.app[RATELIMIT].buckets
+    assert isinstance(buckets, RedisBuckets)
+    calls = 0
+    script = buckets.script
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await script(*args, **kwargs)
+
+    buckets.script = counted  # type: ignore[assignment]
+    actual = []
+    for i in range(3):
+        status, _, answer = await post(proxy, chat(f"settle {i}", max_tokens=100))
+        assert status == 200
+        await proxy.usage.wait(i + 1)  # delivered: its settlement is pending
+        actual.append(answer["usage"]["total_tokens"])
+    assert calls == 3  # one script call per request: settlements rode along
+    assert buckets.pending  # the last one is still waiting
+    await buckets.drain()
+    assert calls == 4 and not buckets.pending
+    client = redis.Redis.from_url(redis_url)
+    try:
+        level = float(await client.hget(f"thriftgate:rl:key:{FP}:tokens", "l"))
+    finally:
+        await client.aclose()
+    assert level == pytest.approx(100000 - sum(actual), abs=5)  # (+ a few seconds of refill)
