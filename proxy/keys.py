@@ -29,6 +29,10 @@ class Limits:
     tpm_burst: int
 
     @property
+    def rate_limited(self) -> bool:
+        return bool(self.rpm or self.tpm)
+
+    @property
     def budgeted(self) -> bool:
         return bool(
             self.tokens_per_day or self.tokens_per_month or self.usd_per_day or self.usd_per_month
@@ -67,10 +71,10 @@ class Keys:
     def alias(self, fingerprint: str | None) -> str | None:
         return self.limits(fingerprint).alias
 
-    def all(self) -> list[Limits]:
-        """The limits of the keys with tables of their own."""
-        return list(self._by_fingerprint.values())
-
     @property
     def any_budget(self) -> bool:
-        return self.default.budgeted or any(v.budgeted for v in self._by_fingerprint.values())
+        return any(v.budgeted for v in (self.default, *self._by_fingerprint.values()))
+
+    @property
+    def any_rate_limit(self) -> bool:
+        return any(v.rate_limited for v in (self.default, *self._by_fingerprint.values()))

@@ -114,8 +114,16 @@ class Verdict:
 class Buckets(Protocol):
     name: str
 
-    async def take(self, buckets: Sequence[Bucket], *, force: bool = False) -> Verdict:
-        """Charge every bucket its cost if all have room (or regardless, with ``force``)."""
+    async def take(self, buckets: Sequence[Bucket]) -> Verdict:
+        """Charge every bucket its cost if all have room."""
+        ...
+
+    def settle(self, adjustments: Sequence[Bucket]) -> None:
+        """Charge each bucket its ``cost`` regardless (negative: give back), now or shortly."""
+        ...
+
+    async def drain(self) -> None:
+        """Send what ``settle`` has not sent yet."""
         ...
 
 
@@ -135,8 +143,14 @@ class MemoryBuckets:
             return bucket.capacity
         return min(bucket.capacity, entry[0] + (now - entry[1]) * bucket.rate)
 
-    async def take(self, buckets: Sequence[Bucket], *, force: bool = False) -> Verdict:
-        return self.take_now(buckets, force=force)
+    async def take(self, buckets: Sequence[Bucket]) -> Verdict:
+        return self.take_now(buckets)
+
+    def settle(self, adjustments: Sequence[Bucket]) -> None:
+        self.take_now(adjustments, force=True)
+
+    async def drain(self) -> None:
+        return None
 
     def take_now(self, buckets: Sequence[Bucket], *, force: bool = False) -> Verdict:
         now = self.clock()
@@ -239,14 +253,14 @@ class RedisBuckets:
         levels = tuple(float(v) for v in out[2:])
         return Verdict(bool(int(out[0])), int(out[1]) / 1000, levels)
 
-    async def take(self, buckets: Sequence[Bucket], *, force: bool = False) -> Verdict:
+    async def take(self, buckets: Sequence[Bucket]) -> Verdict:
         carried = [self.pending.pop(b.name, (b, 0.0))[1] for b in buckets]
         verdict = await self.guard.call(
-            "ratelimit", lambda c: self._run(c, buckets, carried, force), None
+            "ratelimit", lambda c: self._run(c, buckets, carried, False), None
         )
         if verdict is None:  # Redis unavailable: local buckets (the guard has said so)
             self._keep(list(zip(buckets, carried, strict=True)))
-            return self.fallback.take_now(buckets, force=force)
+            return self.fallback.take_now(buckets)
         return verdict
 
     def settle(self, adjustments: Sequence[Bucket]) -> None:
@@ -282,9 +296,8 @@ class RedisBuckets:
             "ratelimit", lambda c: self._run(c, buckets, carried, True), None
         )
         if done is None:  # Redis unavailable: the local buckets take them
-            self.fallback.take_now(
-                [Bucket(b.name, b.scope, b.kind, b.capacity, b.rate, d) for b, d in items],
-                force=True,
+            self.fallback.settle(
+                [Bucket(b.name, b.scope, b.kind, b.capacity, b.rate, d) for b, d in items]
             )
 
     async def drain(self) -> None:
@@ -326,12 +339,7 @@ class RateLimitStage(Stage):
         self.held_until: dict[tuple[str | None, str], float] = {}  # adaptive: (key, model)
         # adaptive holding makes clients wait at the proxy, so it works in queue mode only
         self.adaptive = settings.adaptive and settings.mode == "queue"
-        self.enabled = bool(
-            keys.default.rpm
-            or keys.default.tpm
-            or any(v.rpm or v.tpm for v in keys.all())
-            or any(m.rpm or m.tpm for m in model_limits)
-        )
+        self.enabled = keys.any_rate_limit or any(m.rpm or m.tpm for m in model_limits)
 
     def now(self) -> float:
         return self.clock()
@@ -343,8 +351,7 @@ class RateLimitStage(Stage):
 
     async def shutdown(self, app: web.Application) -> None:
         """Send the settlements still waiting for Redis."""
-        if isinstance(self.buckets, RedisBuckets):
-            await self.buckets.drain()
+        await self.buckets.drain()
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
@@ -356,13 +363,14 @@ class RateLimitStage(Stage):
         limits = self.keys.limits(ctx.key)
         verdict: Verdict | None = None
         if self.enabled:
-            buckets = self._buckets(ctx, limits)
+            tokens = self._tokens(ctx)
+            buckets = self._buckets(ctx, limits, tokens)
             if buckets:
-                charge = Charge(buckets, self._tokens(ctx))
-                verdict = await self._acquire(request, ctx, buckets, limits)
+                charge = Charge(buckets, tokens)
+                verdict = await self._acquire(ctx, buckets, limits)
                 ctx.settlers.append(lambda c: self._settle(c, charge))
         elif self.adaptive:
-            await self._wait_for_upstream(request, ctx, limits)
+            await self._wait_for_upstream(ctx, limits)
         resp = await handler(request)
         if self.adaptive:
             self._observe(ctx, resp)
@@ -378,10 +386,9 @@ class RateLimitStage(Stage):
             return prompt
         return prompt + (ctx.output_limit or self.settings.default_output_tokens)
 
-    def _buckets(self, ctx: RequestContext, limits: Limits) -> list[Bucket]:
+    def _buckets(self, ctx: RequestContext, limits: Limits, tokens: int) -> list[Bucket]:
         prefix = self.settings.redis_prefix
         key = ctx.key or ANONYMOUS
-        tokens = self._tokens(ctx)
         out = []
         rpm, tpm = limits.rpm, limits.tpm
         if rpm:
@@ -405,9 +412,7 @@ class RateLimitStage(Stage):
 
     # -- taking ----------------------------------------------------------------------------------
 
-    async def _acquire(
-        self, request: web.Request, ctx: RequestContext, buckets: list[Bucket], limits: Limits
-    ) -> Verdict:
+    async def _acquire(self, ctx: RequestContext, buckets: list[Bucket], limits: Limits) -> Verdict:
         for b in buckets:
             if b.cost > b.capacity:
                 self._count("too_large")
@@ -476,13 +481,11 @@ class RateLimitStage(Stage):
         headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
         if verdict is not None:
             self._headers(headers, buckets, verdict.levels, limits)
-            short = [b for b, lv in zip(buckets, verdict.levels, strict=True) if lv < b.cost]
-            b = short[0] if short else buckets[0]
+            pairs = list(zip(buckets, verdict.levels, strict=True))
+            b, level = next(((b, lv) for b, lv in pairs if lv < b.cost), pairs[0])
             per = "requests per min (RPM)" if b.kind == "requests" else "tokens per min (TPM)"
-            scope = b.scope
-            level = next(lv for x, lv in zip(buckets, verdict.levels, strict=True) if x is b)
             message = (
-                f"Rate limit reached on this {scope} in thriftgate for {per}: "
+                f"Rate limit reached on this {b.scope} in thriftgate for {per}: "
                 f"Limit {int(b.capacity)}, Used {int(b.capacity - max(level, 0))}, Requested "
                 f"{int(b.cost)}. Please try again in {format_duration(wait)}."
             )
@@ -528,11 +531,9 @@ class RateLimitStage(Stage):
         tokens = [b for b in charge.buckets if b.kind == "tokens"]
         if not delta or not tokens:
             return
-        adjust = [Bucket(b.name, b.scope, b.kind, b.capacity, b.rate, delta) for b in tokens]
-        if isinstance(self.buckets, RedisBuckets):
-            self.buckets.settle(adjust)  # carried by the next take, or sent within a second
-        elif isinstance(self.buckets, MemoryBuckets):
-            self.buckets.take_now(adjust, force=True)
+        self.buckets.settle(
+            [Bucket(b.name, b.scope, b.kind, b.capacity, b.rate, delta) for b in tokens]
+        )
 
     def _count(self, outcome: str) -> None:
         counts = self.metrics.rate_limited
@@ -547,23 +548,23 @@ class RateLimitStage(Stage):
     def _hold_left(self, ctx: RequestContext) -> float:
         if not self.held_until:
             return 0.0
-        until = self.held_until.get(self._scope(ctx))
+        scope = self._scope(ctx)
+        until = self.held_until.get(scope)
         if until is None:
             return 0.0
         left = until - self.now()
         if left <= 0:
-            self.held_until.pop(self._scope(ctx), None)
+            self.held_until.pop(scope, None)
             return 0.0
         return left
 
-    async def _wait_for_upstream(
-        self, request: web.Request, ctx: RequestContext, limits: Limits
-    ) -> None:
-        """Without buckets of its own: only the upstream's hold applies."""
+    async def _wait_for_upstream(self, ctx: RequestContext, limits: Limits) -> None:
+        """Without buckets of its own: only the upstream's hold applies (queue mode: adaptive
+        holds exist only there)."""
         hold = self._hold_left(ctx)
         if hold <= 0:
             return
-        if self.settings.mode != "queue" or hold > self.settings.max_wait_s:
+        if hold > self.settings.max_wait_s:
             self._reject([], None, hold, limits)
         self._count("queued")
         started = self.now()
