@@ -44,7 +44,7 @@ from proxy.store import REDIS, RedisGuard
 from proxy.tokens import Catalogue, Count, count_request_async
 from proxy.types import Handler, Stage
 from proxy.upstream import Outcome, Reply
-from proxy.usage import UsageStripper, token_fields
+from proxy.usage import UsageStripper, spent
 
 PROMPT_TOKENS_HEADER = "x-thriftgate-prompt-tokens"
 NANO = 1_000_000_000  # USD budgets are counted in nano-dollars (integers, exact in Lua)
@@ -277,8 +277,8 @@ class BudgetStage(Stage):
         if ctx.endpoint == "/v1/chat/completions":
             count = await self._optimise(request, ctx, count)
         ctx.prompt_estimate = count.tokens
-        self._guard(ctx, count)
         ctx.output_limit = requested_output(ctx.body)
+        self._guard(ctx, count)
         strip = self._force_stream_usage(ctx)
         limits = self.keys.limits(ctx.key)
         if limits.budgeted:
@@ -367,8 +367,7 @@ class BudgetStage(Stage):
         info = self.catalogue.lookup(ctx.model)
         if info is None:
             return
-        assert ctx.body is not None
-        output = requested_output(ctx.body)
+        output = ctx.output_limit or 0
         if count.tokens + output > info.context_window:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {info.context_window} tokens. However, "
@@ -432,16 +431,13 @@ class BudgetStage(Stage):
     def _settle(self, ctx: RequestContext, r: Reservation) -> None:
         """Give back the reservation and charge what the call actually used: the upstream's usage;
         nothing for an answer that failed; the prompt estimate when usage is unknown."""
-        fields = token_fields(ctx.usage)
-        status = ctx.status or 0
-        if fields["prompt_tokens"] is not None:
-            total = fields["total_tokens"] or 0
-            usd = self.prices.cost(ctx.model, fields)
-        elif status >= 400 and status != 499:
-            total, usd = 0, 0.0
-        else:
+        fields = spent(ctx)
+        if fields is None:
             total = ctx.prompt_estimate or 0
             usd = self.prices.estimate(ctx.model, total, 0)
+        else:
+            total = fields["total_tokens"] or 0
+            usd = self.prices.cost(ctx.model, fields)
         actual_usd = math.ceil(usd * NANO) if usd is not None else r.usd_nano
         deltas = []
         for charge, unit in zip(r.charges, r.units, strict=True):

@@ -40,7 +40,7 @@ from proxy.keys import ANONYMOUS, Keys, Limits
 from proxy.metrics import Metrics
 from proxy.store import REDIS, RedisGuard
 from proxy.types import Handler, Stage
-from proxy.usage import token_fields
+from proxy.usage import spent
 
 Sleep = Callable[[float], Awaitable[None]]
 HEADER_KINDS = ("requests", "tokens")
@@ -519,15 +519,10 @@ class RateLimitStage(Stage):
 
     def _settle(self, ctx: RequestContext, charge: Charge) -> None:
         """Settle the token buckets to the usage the upstream reported (nothing for a failure)."""
-        fields = token_fields(ctx.usage)
-        status = ctx.status or 0
-        if fields["prompt_tokens"] is not None:
-            actual = float(fields["total_tokens"] or 0)
-        elif status >= 400 and status != 499:
-            actual = 0.0
-        else:
+        fields = spent(ctx)
+        if fields is None:
             return  # no usage known: the estimate stands
-        delta = actual - charge.tokens
+        delta = (fields["total_tokens"] or 0) - charge.tokens
         tokens = [b for b in charge.buckets if b.kind == "tokens"]
         if not delta or not tokens:
             return

@@ -227,6 +227,18 @@ def token_fields(usage: dict[str, Any] | None) -> dict[str, int | None]:
     }
 
 
+def spent(ctx: RequestContext) -> dict[str, Any] | None:
+    """What a finished call used, as ``token_fields``: the upstream's usage; zeros for a call that
+    failed (not charged); None when it is not known (budgets and rate limits settle on it)."""
+    fields = token_fields(ctx.usage)
+    if fields["prompt_tokens"] is not None:
+        return fields
+    status = ctx.status or 0
+    if status >= 400 and status != 499:
+        return dict.fromkeys(fields, 0)
+    return None
+
+
 def estimated_usage(ctx: RequestContext, text: str | None) -> dict[str, Any] | None:
     """Usage for a stream that carried none: the prompt counted before the call and the streamed
     text counted with the model's encoding (``tokens_source: estimated``)."""
