@@ -318,11 +318,11 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("ratelimit", "mode"): ("THRIFTGATE_RATE_LIMIT_MODE",),
     ("ratelimit", "max_wait_s"): ("THRIFTGATE_RATE_LIMIT_MAX_WAIT_S",),
     ("alerts", "webhook_url"): ("THRIFTGATE_ALERT_WEBHOOK",),
+    ("alerts", "spend_usd_per_day"): ("THRIFTGATE_ALERT_SPEND_USD_PER_DAY",),
     ("microbatch", "embeddings"): ("THRIFTGATE_EMBEDDINGS_MICROBATCH",),
     ("microbatch", "window_ms"): ("THRIFTGATE_MICROBATCH_WINDOW_MS",),
     ("batch", "base_url"): ("THRIFTGATE_BATCH_BASE_URL", "OPENAI_BASE_URL"),
     ("batch", "api_key"): ("OPENAI_API_KEY",),
-    ("alerts", "spend_usd_per_day"): ("THRIFTGATE_ALERT_SPEND_USD_PER_DAY",),
 }
 
 # command-line flag name -> (section, key)
@@ -425,38 +425,49 @@ def _read_file(path: str) -> dict[str, Any]:
     return data
 
 
-def parse_models(where: str, tables: dict[str, Any]) -> tuple[ModelInfo, ...]:
-    """``{"name": {"context_window": N, "max_output_tokens": M}}`` → ModelInfo entries."""
-    out = []
-    for name, table in tables.items():
-        unknown = set(table) - {"context_window", "max_output_tokens"}
-        if unknown:
-            raise ConfigError(f"{where}: models.{name}: unknown setting {sorted(unknown)[0]}")
-        if "context_window" not in table:
-            raise ConfigError(f"{where}: models.{name}: context_window is required")
-        window = _coerce(f"{where}: models.{name}.context_window", table["context_window"], int)
-        output = _coerce(
-            f"{where}: models.{name}.max_output_tokens", table.get("max_output_tokens", 0), int
-        )
-        if window < 1 or output < 0:
-            raise ConfigError(f"{where}: models.{name}: limits must be positive")
-        out.append(ModelInfo(name, window, output))
-    return tuple(out)
-
-
-def _table(where: str, cls: type, fixed: dict[str, Any], table: dict[str, Any]) -> Any:
-    """One named table as a ``cls``: unknown keys refused, values coerced to the field types."""
+def _table(
+    where: str,
+    cls: type,
+    fixed: dict[str, Any],
+    table: dict[str, Any],
+    *,
+    required: tuple[str, ...] = (),
+    nonnegative: bool = True,
+) -> Any:
+    """One table as a ``cls``: unknown keys refused, ``required`` ones demanded, values coerced
+    to the field types (and numbers refused below zero unless ``nonnegative`` is off)."""
     hints = _field_types(cls)
     allowed = set(hints) - set(fixed)
     unknown = set(table) - allowed
     if unknown:
         known = ", ".join(sorted(allowed))
         raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]} (known: {known})")
+    for key in required:
+        if key not in table:
+            raise ConfigError(f"{where}: {key} is required")
     values = {k: _coerce(f"{where}.{k}", v, hints[k]) for k, v in table.items()}
     for key, value in values.items():
-        if isinstance(value, int | float) and value < 0:
+        if nonnegative and isinstance(value, int | float) and value < 0:
             raise ConfigError(f"{where}.{key}: must not be negative")
     return cls(**fixed, **values)
+
+
+def parse_models(where: str, tables: dict[str, Any]) -> tuple[ModelInfo, ...]:
+    """``{"name": {"context_window": N, "max_output_tokens": M}}`` → ModelInfo entries."""
+    out = []
+    for name, table in tables.items():
+        info = _table(
+            f"{where}: models.{name}",
+            ModelInfo,
+            {"name": name},
+            table,
+            required=("context_window",),
+            nonnegative=False,
+        )
+        if info.context_window < 1 or info.max_output_tokens < 0:
+            raise ConfigError(f"{where}: models.{name}: limits must be positive")
+        out.append(info)
+    return tuple(out)
 
 
 _FINGERPRINT = frozenset("0123456789abcdef")
@@ -484,25 +495,17 @@ def parse_keys(where: str, tables: dict[str, Any]) -> tuple[KeyPolicy, ...]:
 
 def parse_prices(where: str, tables: dict[str, Any]) -> tuple[Price, ...]:
     """``{"model": {"input": 2.5, "cached_input": 1.25, "output": 10}}`` (USD per 1M tokens)."""
-    out = []
-    for name, table in tables.items():
-        if "input" not in table:
-            raise ConfigError(f"{where}: prices.{name}: input is required")
-        out.append(_table(f"{where}: prices.{name}", Price, {"name": name}, table))
-    return tuple(out)
+    return tuple(
+        _table(f"{where}: prices.{name}", Price, {"name": name}, table, required=("input",))
+        for name, table in tables.items()
+    )
 
 
 def _target(path: str, index: int, table: dict[str, Any]) -> UpstreamTarget:
     where = f"{path}: upstreams[{index}]"
-    allowed = {f.name for f in dataclasses.fields(UpstreamTarget)}
-    unknown = set(table) - allowed
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]}")
-    if "url" not in table:
-        raise ConfigError(f"{where}: url is required")
-    hints = _field_types(UpstreamTarget)
-    values = {k: _coerce(f"{where}.{k}", v, hints[k]) for k, v in table.items()}
-    target = UpstreamTarget(**values)
+    target: UpstreamTarget = _table(
+        where, UpstreamTarget, {}, table, required=("url",), nonnegative=False
+    )
     url = URL(target.url)
     if url.scheme not in {"http", "https"} or not url.host:
         raise ConfigError(f"{where}.url: {target.url!r} is not an http(s) URL")
