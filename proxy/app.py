@@ -37,7 +37,7 @@ from proxy.store import REDIS, redis_ctx
 from proxy.tokens import Catalogue
 from proxy.types import METRICS, SETTINGS
 from proxy.upstream import Reply, Upstream
-from proxy.usage import UsageLog
+from proxy.usage import UsageLog, open_for_append
 
 
 @dataclass(slots=True)
@@ -196,24 +196,15 @@ def create_app(
     metrics = Metrics()
     prices = PriceTable(settings.prices)
     alerts = Alerts(settings.alerts)
-    usage_log = (
-        UsageLog(
-            usage_stream,
-            enabled=settings.usage.enabled,
-            prices=prices,
-            metrics=metrics,
-            alerts=alerts,
-        )
-        if usage_stream is not None
-        else UsageLog(
-            _usage_sink(settings),
-            enabled=settings.usage.enabled,
-            owns_stream=True,
-            prices=prices,
-            path=settings.usage.log_path,
-            metrics=metrics,
-            alerts=alerts,
-        )
+    owned = usage_stream is None  # the configured sink: this app opens (and reopens) it
+    usage_log = UsageLog(
+        _usage_sink(settings) if usage_stream is None else usage_stream,
+        enabled=settings.usage.enabled,
+        owns_stream=owned,
+        prices=prices,
+        path=settings.usage.log_path if owned else None,
+        metrics=metrics,
+        alerts=alerts,
     )
     cache = CacheStage(settings.cache, metrics, follower_wait_s=settings.upstream.total_timeout_s)
     keys = Keys(settings)
@@ -263,19 +254,28 @@ def create_app(
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(_share_metrics)
-    app.on_startup.append(cache.startup)  # after the cleanup contexts: Redis is open
-    app.on_startup.append(budget.startup)
-    app.on_startup.append(ratelimit.startup)
-    app.on_startup.append(alerts.startup)
-    app.on_shutdown.append(_mark_shutting_down)
-    app.on_shutdown.append(cache.shutdown)
-    app.on_shutdown.append(budget.shutdown)
-    app.on_shutdown.append(ratelimit.shutdown)
-    app.on_shutdown.append(alerts.shutdown)
-    app.on_shutdown.append(microbatch.shutdown)
-    app.on_startup.append(_reopen_on_sighup)
-    app.on_startup.append(_usage_to_redis_stream)
-    app.on_shutdown.append(_drain_usage_stream)
+    # startup runs after the cleanup contexts' first halves: Redis is open
+    app.on_startup.extend(
+        [
+            cache.startup,
+            budget.startup,
+            ratelimit.startup,
+            alerts.startup,
+            _reopen_on_sighup,
+            _usage_to_redis_stream,
+        ]
+    )
+    app.on_shutdown.extend(
+        [
+            _mark_shutting_down,
+            cache.shutdown,
+            budget.shutdown,
+            ratelimit.shutdown,
+            alerts.shutdown,
+            microbatch.shutdown,
+            _drain_usage_stream,
+        ]
+    )
     app.on_cleanup.append(_flush_usage_log)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -287,7 +287,7 @@ def create_app(
 def _usage_sink(settings: Settings) -> IO[bytes]:
     """Unbuffered, so each write is one system call (whole lines; see ``usage.PIPE_BUF``)."""
     if settings.usage.log_path:
-        return open(settings.usage.log_path, "ab", buffering=0)
+        return open_for_append(settings.usage.log_path)
     return open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)
 
 

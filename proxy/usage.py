@@ -317,6 +317,11 @@ def _atomic_chunks(lines: list[bytes]) -> list[bytes]:
     return chunks
 
 
+def open_for_append(path: str) -> IO[bytes]:
+    """A usage log file, unbuffered: each write is one system call, of whole lines."""
+    return open(path, "ab", buffering=0)
+
+
 class UsageLog:
     """Writes one JSON object per request. Writing never fails, and never blocks, a request.
 
@@ -494,7 +499,7 @@ class UsageLog:
             return
         self.flush()
         try:
-            fresh = open(self.path, "ab", buffering=0)  # noqa: SIM115 - kept open until closed
+            fresh = open_for_append(self.path)
         except OSError as exc:
             log.warning("usage_log_reopen_failed", path=self.path, error=repr(exc))
             return
