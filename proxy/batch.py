@@ -126,6 +126,15 @@ def answered(result: dict[str, Any]) -> bool:
     )
 
 
+def outstanding(lines: list[Line], output: Path) -> tuple[dict[str, dict[str, Any]], list[Line]]:
+    """The results already in ``output``, and the lines still to send."""
+    done = read_output(output)
+    todo = [
+        line for line in lines if not (line.custom_id in done and answered(done[line.custom_id]))
+    ]
+    return done, todo
+
+
 @dataclass(slots=True)
 class Stats:
     total: int = 0
@@ -248,10 +257,7 @@ async def run_proxy(
     """Each line as its own request, ``concurrency`` at a time; each result appended to
     ``output`` as soon as it is in (so an interruption loses nothing already received)."""
     stats = Stats(total=len(lines), via="proxy")
-    done = read_output(output)
-    todo = [
-        line for line in lines if not (line.custom_id in done and answered(done[line.custom_id]))
-    ]
+    _, todo = outstanding(lines, output)
     stats.skipped = len(lines) - len(todo)
     semaphore = asyncio.Semaphore(concurrency)
     in_flight = 0
@@ -323,10 +329,7 @@ async def run_api(
     input order. A batch created by an interrupted run is picked up again (its id is kept beside
     the output file until the run ends)."""
     stats = Stats(total=len(lines), via="api")
-    done = read_output(output)
-    todo = [
-        line for line in lines if not (line.custom_id in done and answered(done[line.custom_id]))
-    ]
+    done, todo = outstanding(lines, output)
     stats.skipped = len(lines) - len(todo)
     if todo:
         urls = {line.url for line in todo}

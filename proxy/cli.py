@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -145,24 +144,23 @@ def count_tokens(path: str, model: str | None) -> int:
         print(f"thriftgate: {exc}", file=sys.stderr)
         return 2
     name = model or body.get("model")
-    cost = prices.estimate(name if isinstance(name, str) else None, count.tokens, 0)
+    priced = name if isinstance(name, str) else None
+    cost = prices.estimate(priced, count.tokens, 0)
     if cost is not None:
         line = f"estimated input cost: ${cost:.6f}"
         output = requested_output(body)
         if output:
-            most = prices.estimate(name if isinstance(name, str) else None, count.tokens, output)
+            most = prices.estimate(priced, count.tokens, output)
             line += f"; at most ${most:.6f} with {output} output tokens"
         print(line)
     return 0
 
 
 def usage_report(args: argparse.Namespace) -> int:
-    from proxy.report import Report, open_log, parse_time, render
+    from proxy.report import Report, open_log, render, time_window
 
     try:
-        now = time.time()
-        since = parse_time(args.since, now) if args.since else None
-        until = parse_time(args.until, now) if args.until else None
+        since, until = time_window(args.since, args.until)
     except ValueError as exc:
         print(f"thriftgate: {exc}", file=sys.stderr)
         return 2

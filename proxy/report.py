@@ -251,7 +251,8 @@ def render(report: Report, fmt: str, out: IO[str]) -> None:
         out.write(line(r) + "\n")
 
 
-def since_default_until(since: str | None, until: str | None) -> tuple[float | None, float | None]:
+def time_window(since: str | None, until: str | None) -> tuple[float | None, float | None]:
+    """``--since``/``--until`` as timestamps (None where not given), both against one now."""
     now = time.time()
     return (
         parse_time(since, now) if since else None,
