@@ -48,28 +48,19 @@ async def test_requests_tokens_cost_and_latency(proxy: Proxy) -> None:
     assert status == 200
     found = samples(text)
     ep = "/v1/chat/completions"
-    assert (
-        value(
+
+    def requests(cache: str) -> float:
+        return value(
             found,
             "thriftgate_requests_total",
             endpoint=ep,
             model="gpt-4o-mini",
             status="200",
-            cache="miss",
+            cache=cache,
         )
-        == 2
-    )
-    assert (
-        value(
-            found,
-            "thriftgate_requests_total",
-            endpoint=ep,
-            model="gpt-4o-mini",
-            status="200",
-            cache="hit",
-        )
-        == 1
-    )
+
+    assert requests("miss") == 2
+    assert requests("hit") == 1
     prompt = sum(r["prompt_tokens"] for r in records)
     completion = sum(r["completion_tokens"] for r in records)
     assert value(found, "thriftgate_tokens_total", model="gpt-4o-mini", kind="prompt") == prompt
