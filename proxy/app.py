@@ -26,15 +26,17 @@ from proxy.cache import CacheStage
 from proxy.config import Settings
 from proxy.context import RequestContextStage, context_of
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable, error_middleware, error_response
+from proxy.inbound import secret_bytes
 from proxy.keys import Keys
 from proxy.metrics import Metrics
 from proxy.microbatch import EmbeddingsBatcher
+from proxy.optimize import OptimizeStage
 from proxy.pool import Pool
 from proxy.pricing import PriceTable
 from proxy.ratelimit import RateLimitStage
 from proxy.retry import RetryStage, Sleep
 from proxy.store import REDIS, redis_ctx
-from proxy.tokens import Catalogue
+from proxy.tokens import Catalogue, preload_encodings
 from proxy.types import METRICS, SETTINGS
 from proxy.upstream import Reply, Upstream
 from proxy.usage import UsageLog, open_for_append
@@ -57,20 +59,23 @@ CACHE: web.AppKey[CacheStage] = web.AppKey("cache", CacheStage)
 BUDGET: web.AppKey[BudgetStage] = web.AppKey("budget", BudgetStage)
 RATELIMIT: web.AppKey[RateLimitStage] = web.AppKey("ratelimit", RateLimitStage)
 ALERTS: web.AppKey[Alerts] = web.AppKey("alerts", Alerts)
+CONTEXT: web.AppKey[RequestContextStage] = web.AppKey("context", RequestContextStage)
 MICROBATCH: web.AppKey[EmbeddingsBatcher] = web.AppKey("microbatch", EmbeddingsBatcher)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
     """The innermost handler: send the request to an upstream, return the reply unsent."""
     ctx = context_of(request)
-    return await send_upstream(
-        request, ctx.raw if ctx is not None else None, stream=ctx is not None and ctx.stream
-    )
+    if ctx is None:
+        return await send_upstream(request, None, stream=False)
+    return await send_upstream(request, ctx.raw, stream=ctx.stream, rewritten=ctx.rewritten)
 
 
-async def send_upstream(request: web.Request, body: bytes | None, *, stream: bool) -> Reply:
-    """``request`` with ``body`` (None: the client's body, streamed through) to an upstream of
-    the pool, its breaker told how it went."""
+async def send_upstream(
+    request: web.Request, body: bytes | None, *, stream: bool, rewritten: bool = False
+) -> Reply:
+    """``request`` with ``body`` (None: the client's body, streamed through; ``rewritten``: made
+    by the proxy, plain JSON) to an upstream of the pool, its breaker told how it went."""
     settings = request.app[SETTINGS]
     pool = request.app[POOL]
     ctx = context_of(request)
@@ -81,7 +86,13 @@ async def send_upstream(request: web.Request, body: bytes | None, *, stream: boo
     t0 = time.monotonic()
     try:
         reply = await request.app[UPSTREAM].forward(
-            request, body, settings.server.max_body_bytes, target, stream=stream
+            request,
+            body,
+            settings.server.max_body_bytes,
+            target,
+            stream=stream,
+            rewritten=rewritten,
+            body_idle_s=settings.server.body_timeout_s,
         )
     except (UpstreamUnavailable, UpstreamTimeout):
         target.failed(pool.clock())
@@ -98,17 +109,23 @@ async def send_upstream(request: web.Request, body: bytes | None, *, stream: boo
     return reply
 
 
-async def metrics_endpoint(request: web.Request) -> web.Response:
+def is_admin(request: web.Request) -> bool:
+    """No admin token configured, or the request carries it (compared in constant time)."""
     token = request.app[SETTINGS].server.admin_token
-    if token is not None:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return error_response(
-                401,
-                "/metrics needs Authorization: Bearer <THRIFTGATE_ADMIN_TOKEN>",
-                "invalid_request_error",
-                "invalid_admin_token",
-            )
+    if token is None:
+        return True
+    given = secret_bytes(request.headers.get("Authorization", ""))
+    return hmac.compare_digest(given, f"Bearer {token}".encode())
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    if not is_admin(request):
+        return error_response(
+            401,
+            "/metrics needs Authorization: Bearer <THRIFTGATE_ADMIN_TOKEN>",
+            "invalid_request_error",
+            "invalid_admin_token",
+        )
     metrics = request.app[METRICS]
     others = _other_workers(request.app[SETTINGS].server.metrics_dir)
     return web.Response(body=metrics.render(others), headers={"Content-Type": metrics.content_type})
@@ -166,22 +183,27 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
+    """``status`` for anyone; the details (upstreams, Redis, cache) only with the admin token
+    when one is set. URLs are shown redacted."""
     state = request.app[STATE]
+    status = "shutting_down" if state.shutting_down else "ready"
+    code = 503 if state.shutting_down else 200
+    if not is_admin(request):
+        return web.json_response({"status": status}, status=code)
+    settings = request.app[SETTINGS]
     guard = request.app[REDIS]
     backend = request.app[CACHE].backend
     report = {
-        "status": "shutting_down" if state.shutting_down else "ready",
+        "status": status,
         "version": __version__,
         "config_file": settings.config_file,
-        "upstream": settings.upstream.url,
         "upstreams": request.app[POOL].status(),
         "redis": guard.status() if guard is not None else {"configured": False, "status": "off"},
         "cache": backend.name if backend is not None else "off",
         "uptime_s": round(time.monotonic() - state.started, 3),
         "pid": os.getpid(),
     }
-    return web.json_response(report, status=503 if state.shutting_down else 200)
+    return web.json_response(report, status=code)
 
 
 def create_app(
@@ -208,15 +230,17 @@ def create_app(
     )
     cache = CacheStage(settings.cache, metrics, follower_wait_s=settings.upstream.total_timeout_s)
     keys = Keys(settings)
+    catalogue = Catalogue(settings.models)
+    context = RequestContextStage(usage_log, keys)
     budget = BudgetStage(
-        Catalogue(settings.models),
+        catalogue,
         keys,
         prices,
         settings.budget,
-        settings.optimize,
         metrics,
         alerts=alerts,
         force_stream_usage=settings.usage.force_stream_usage,
+        on_failure=settings.redis.on_failure,
     )
     ratelimit = RateLimitStage(
         settings.ratelimit,
@@ -230,11 +254,15 @@ def create_app(
     microbatch = EmbeddingsBatcher(settings.microbatch, metrics, send_upstream)
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
+        # request bodies reach the stages as sent: a Content-Encoding body is forwarded as it is
+        # and decoded for the stages by the context stage (bounded; see proxy.inbound)
+        handler_args={"auto_decompress": False},
         middlewares=[
             error_middleware,  # outermost: any exception becomes OpenAI's error envelope
-            RequestContextStage(usage_log, keys),  # request id, key, parsed body, usage log
+            context,  # request id, key, path/header/control checks, parsed body, usage log
+            OptimizeStage(settings.optimize, catalogue),  # opt-in trimming, output limits
             cache,  # exact-match answers, single-flight
-            budget,  # tokens counted, optimisations, context guard, per-key budgets
+            budget,  # tokens counted, context guard, per-key budgets
             ratelimit,  # token buckets per key and model: reject or queue
             RetryStage(settings.retry, metrics, sleep=retry_sleep),
             # opt-in: concurrent embeddings requests sent upstream as one (when off, not in the
@@ -243,6 +271,7 @@ def create_app(
         ],
     )
     app[SETTINGS] = settings
+    app[CONTEXT] = context
     app[METRICS] = metrics
     app[STATE] = AppState(started=time.monotonic())
     app[USAGE_LOG] = usage_log
@@ -257,6 +286,7 @@ def create_app(
     # startup runs after the cleanup contexts' first halves: Redis is open
     app.on_startup.extend(
         [
+            _load_encodings,
             cache.startup,
             budget.startup,
             ratelimit.startup,
@@ -299,6 +329,12 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     app[POOL] = Pool(settings.targets(), settings.upstream, app[METRICS])
     yield
     await session.close()
+
+
+async def _load_encodings(app: web.Application) -> None:
+    """The tiktoken encodings, loaded (off the event loop) before the port is bound: the first
+    request is not the one that waits for them."""
+    await asyncio.to_thread(preload_encodings)
 
 
 async def _usage_to_redis_stream(app: web.Application) -> None:

@@ -1,11 +1,12 @@
-"""The token budget stage: tokens counted before the call, the context guard, optimisations, and
-per-key budgets.
+"""The token budget stage: tokens counted before the call, the context guard, and per-key
+budgets.
 
 For every request to the optimised endpoints that reaches it (cache hits do not, and cost
 nothing):
 
-1. the prompt is counted offline (``proxy.tokens``) and, when asked for, history is trimmed and an
-   output limit set (``proxy.optimize``);
+1. the prompt is counted offline (``proxy.tokens``; the optimise stage may have counted it
+   already). A body the counter cannot read goes upstream unchanged, uncounted, unless the key has
+   a budget: then it is refused with 400 naming the field (nothing can be reserved for it);
 2. a chat or completion whose prompt plus requested output cannot fit the model's context window
    is refused with OpenAI's own ``context_length_exceeded`` error before any upstream call;
 3. the key's budgets (tokens and USD, per UTC day and month) are charged the estimate — prompt
@@ -14,8 +15,14 @@ nothing):
    delivered the charge is settled to the usage the upstream reported, so concurrent requests can
    overshoot a budget only by what their answers exceed their reservations.
 
+Every other POST to /v1 (the Responses API, images, audio, ...) from a key with a budget is
+refused once a budget is spent, and charged after the fact what its answer reports (its usage,
+priced by the answer's model), settled like the rest.
+
 Budgets live in ``Counters``: in memory, or in Redis (one Lua script checks every window and
-charges them all atomically), falling back to memory while Redis is unavailable.
+charges them all atomically). While Redis is unreachable, ``redis.on_failure`` decides: ``local``
+counts in memory, ``closed`` refuses budgeted requests with 503. Settlements that cannot reach
+Redis are kept (merged per counter) and sent once it answers again.
 """
 
 from __future__ import annotations
@@ -33,15 +40,14 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from proxy.alerts import Alerts
-from proxy.config import BudgetSettings, OptimizeSettings
+from proxy.config import BudgetSettings
 from proxy.context import RequestContext, context_of
-from proxy.errors import ContextLengthExceeded, QuotaExceeded
-from proxy.keys import ANONYMOUS, Keys, Limits
+from proxy.errors import ContextLengthExceeded, InvalidRequest, QuotaExceeded, ServiceUnavailable
+from proxy.keys import Keys, Limits
 from proxy.metrics import Metrics
-from proxy.optimize import TRIM_HEADER, dynamic_max_tokens, trim_history, trim_keep
 from proxy.pricing import PriceTable
 from proxy.store import REDIS, RedisGuard
-from proxy.tokens import Catalogue, Count, count_request_async
+from proxy.tokens import Catalogue, Count, Uncountable, count_request_async
 from proxy.types import Handler, Stage
 from proxy.upstream import Outcome, Reply
 from proxy.usage import UsageStripper, spent
@@ -85,13 +91,23 @@ class Counters(Protocol):
     async def drain(self) -> None: ...
 
 
+MAX_LOCAL_COUNTERS = 200_000  # in-process counters kept at most (about 30 MB)
+
+
 class MemoryCounters:
+    """Counters in a dict bounded to ``max_counters``: past it, the periods that are over go
+    first, then counters at zero (keys that spent nothing, such as refused ones); counters that
+    hold spend are never dropped before their period ends."""
+
     name = "memory"
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, max_counters: int = MAX_LOCAL_COUNTERS
+    ) -> None:
         self.clock = clock
+        self.max_counters = max_counters
         self.values: dict[str, list[float]] = {}  # counter -> [value, expires_at]
-        self._sweep_at = 1024
+        self._sweep_at = min(1024, max_counters)
 
     def value(self, counter: str) -> int:
         entry = self.values.get(counter)
@@ -120,7 +136,9 @@ class MemoryCounters:
                 entry[0] += charge.amount
         if len(self.values) > self._sweep_at:  # forget the periods that are over
             self.values = {k: v for k, v in self.values.items() if v[1] > now}
-            self._sweep_at = max(1024, 2 * len(self.values))
+            if len(self.values) > self.max_counters // 2:  # then the counters at zero
+                self.values = {k: v for k, v in self.values.items() if v[0] > 0}
+            self._sweep_at = min(max(1024, 2 * len(self.values)), self.max_counters)
 
     async def drain(self) -> None:
         return None
@@ -149,15 +167,20 @@ return out
 
 
 class RedisCounters:
-    """Counters in Redis, shared by every replica; in memory while Redis is unavailable."""
+    """Counters in Redis, shared by every replica. While Redis is unavailable: in memory
+    (``closed`` off), or refused (``closed`` on); settlements are kept until it is back."""
 
     name = "redis"
 
-    def __init__(self, guard: RedisGuard, fallback: MemoryCounters) -> None:
+    def __init__(
+        self, guard: RedisGuard, fallback: MemoryCounters, *, closed: bool = False
+    ) -> None:
         self.guard = guard
         self.fallback = fallback
+        self.closed = closed
         self.script = guard.client.register_script(TAKE_LUA)  # EVALSHA, loaded on first use
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.unsent: dict[str, Charge] = {}  # settlements Redis did not take, merged per counter
 
     async def _run(self, client: Redis, charges: Sequence[Charge]) -> list[int]:
         args: list[int] = []
@@ -168,22 +191,47 @@ class RedisCounters:
 
     async def take(self, charges: Sequence[Charge]) -> tuple[Counters, int | None, list[int]]:
         result = await self.guard.call("budget", lambda c: self._run(c, charges), None)
-        if result is None:  # Redis unavailable: account locally (the guard has said so)
+        if result is None:  # Redis unavailable (the guard has said so)
+            if self.closed:
+                raise ServiceUnavailable(
+                    "thriftgate cannot reach its shared budget counters (Redis) and is set to "
+                    "refuse budgeted requests until they are back (redis.on_failure = closed). "
+                    "Try again shortly.",
+                    headers={"retry-after": "1"},
+                )
             return await self.fallback.take(charges)
+        if self.unsent:
+            self._send(list(self.unsent.values()))  # Redis answers again: what it missed
+            self.unsent = {}
         if result[0]:
             return self, result[0] - 1, result[1:2]
         return self, None, result[1:]
 
     def add(self, charges: Sequence[Charge]) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self.guard.call("budget", lambda c: self._run(c, charges), None)
-        )
+        self._send(charges)
+
+    def _send(self, charges: Sequence[Charge]) -> None:
+        async def send() -> None:
+            if await self.guard.call("budget", lambda c: self._run(c, charges), None) is None:
+                self._keep(charges)
+
+        task = asyncio.get_running_loop().create_task(send())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _keep(self, charges: Sequence[Charge]) -> None:
+        for c in charges:
+            before = self.unsent.get(c.counter)
+            amount = c.amount + (before.amount if before is not None else 0)
+            self.unsent[c.counter] = Charge(c.counter, 0, amount, c.expires_at)
+
     async def drain(self) -> None:
+        """Wait for the settlements under way, and send what Redis missed once more."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self.unsent:
+            charges, self.unsent = list(self.unsent.values()), {}
+            await self.guard.call("budget", lambda c: self._run(c, charges), None)
 
 
 # -- periods -------------------------------------------------------------------------------------
@@ -239,19 +287,19 @@ class BudgetStage(Stage):
         keys: Keys,
         prices: PriceTable,
         settings: BudgetSettings,
-        optimize: OptimizeSettings,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
         alerts: Alerts | None = None,
         force_stream_usage: bool = False,
+        on_failure: str = "local",
     ) -> None:
+        self.on_failure = on_failure
         self.alerts = alerts
         self.force_usage = force_stream_usage
         self.catalogue = catalogue
         self.keys = keys
         self.prices = prices
         self.settings = settings
-        self.optimize = optimize
         self.metrics = metrics
         self.clock = clock
         self.counters: Counters = MemoryCounters(self.now)
@@ -263,24 +311,35 @@ class BudgetStage(Stage):
         """Budgets in Redis when one is configured (falling back to memory while it is down)."""
         guard = app[REDIS]
         if guard is not None and self.keys.any_budget:
-            self.counters = RedisCounters(guard, MemoryCounters(self.now))
+            self.counters = RedisCounters(
+                guard, MemoryCounters(self.now), closed=self.on_failure == "closed"
+            )
 
     async def shutdown(self, app: web.Application) -> None:
         await self.counters.drain()
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
-        if ctx is None or not ctx.optimised or ctx.body is None:
+        if ctx is None:
             return await handler(request)
-        size = len(ctx.raw) if ctx.raw is not None else 0
-        count = await count_request_async(ctx.endpoint, ctx.body, size)
-        if ctx.endpoint == "/v1/chat/completions":
-            count = await self._optimise(request, ctx, count)
+        if not ctx.optimised:
+            if request.method == "POST":
+                limits = self.keys.limits(ctx.who)
+                if limits.budgeted:  # paid endpoints: refused once spent, charged after the fact
+                    await self._reserve(ctx, limits, probe=True)
+            return await handler(request)
+        count = await self._count(ctx)
+        if count is None:
+            limits = self.keys.limits(ctx.who)
+            if limits.budgeted:
+                raise self._unreadable(ctx, "a budget")
+            return await handler(request)
         ctx.prompt_estimate = count.tokens
+        assert ctx.body is not None
         ctx.output_limit = requested_output(ctx.body)
         self._guard(ctx, count)
         strip = self._force_stream_usage(ctx)
-        limits = self.keys.limits(ctx.key)
+        limits = self.keys.limits(ctx.who)
         if limits.budgeted:
             await self._reserve(ctx, limits)
         resp = await handler(request)
@@ -288,6 +347,31 @@ class BudgetStage(Stage):
         if strip and isinstance(resp, Reply) and resp.status < 300:
             self._strip_usage(ctx, resp)
         return resp
+
+    async def _count(self, ctx: RequestContext) -> Count | None:
+        """The prompt's tokens, or None when the body cannot be read (``ctx.unreadable``)."""
+        if ctx.count is not None:
+            return ctx.count
+        if ctx.unreadable is not None or ctx.body is None:
+            ctx.unreadable = ctx.unreadable or "body"
+            return None
+        try:
+            ctx.count = await count_request_async(ctx.endpoint, ctx.body, len(ctx.raw or b""))
+        except Uncountable as exc:
+            ctx.unreadable = exc.param
+            return None
+        return ctx.count
+
+    @staticmethod
+    def _unreadable(ctx: RequestContext, what: str) -> InvalidRequest:
+        param = ctx.unreadable or "body"
+        return InvalidRequest(
+            f"thriftgate cannot count the tokens of this request: its '{param}' is not of the "
+            f"type the API defines, and this API key has {what} that needs the count. Fix the "
+            "request's shape.",
+            param=param,
+            code="invalid_request_shape",
+        )
 
     # -- exact usage for streams ------------------------------------------------------------------
 
@@ -302,8 +386,12 @@ class BudgetStage(Stage):
             return False
         if options is not None and not isinstance(options, dict):
             return False  # the upstream will refuse it as it is; leave that to it
-        ctx.body = {**ctx.body, "stream_options": {**(options or {}), "include_usage": True}}
-        ctx.raw = orjson.dumps(ctx.body)
+        body = {**ctx.body, "stream_options": {**(options or {}), "include_usage": True}}
+        try:
+            ctx.raw = orjson.dumps(body)
+        except TypeError:  # nested deeper than orjson writes: leave the request alone
+            return False
+        ctx.body, ctx.rewritten = body, True
         return True
 
     @staticmethod
@@ -318,42 +406,6 @@ class BudgetStage(Stage):
                 ctx.usage = stripper.usage
 
         reply.on_done.insert(0, keep)  # before the usage log reads ctx.usage
-
-    # -- optimisations ---------------------------------------------------------------------------
-
-    async def _optimise(self, request: web.Request, ctx: RequestContext, count: Count) -> Count:
-        assert ctx.body is not None
-        body = ctx.body
-        done: dict[str, Any] = {}
-        keep = trim_keep(request.headers.get(TRIM_HEADER), self.optimize)
-        messages = body.get("messages")
-        if (
-            keep is not None
-            and isinstance(messages, list)
-            and count.tokens > self.optimize.trim_threshold_tokens
-        ):
-            kept = trim_history(messages, keep)
-            if len(kept) < len(messages):
-                body = {**body, "messages": kept}
-                before = count.tokens
-                count = await count_request_async(ctx.endpoint, body, size=len(ctx.raw or b""))
-                done.update(
-                    trim=f"last-{keep}",
-                    messages_dropped=len(messages) - len(kept),
-                    tokens_saved=before - count.tokens,
-                )
-        if self.optimize.dynamic_max_tokens:
-            limit = dynamic_max_tokens(
-                body, count.tokens, self.catalogue.lookup(ctx.model), self.optimize.max_tokens_cap
-            )
-            if limit is not None:
-                body = {**body, limit[0]: limit[1]}
-                done.update(max_tokens_field=limit[0], max_tokens=limit[1])
-        if done:
-            ctx.body = body
-            ctx.raw = orjson.dumps(body)
-            ctx.extra["optimized"] = done
-        return count
 
     # -- the context guard -----------------------------------------------------------------------
 
@@ -379,16 +431,21 @@ class BudgetStage(Stage):
 
     # -- budgets ---------------------------------------------------------------------------------
 
-    async def _reserve(self, ctx: RequestContext, limits: Limits) -> None:
-        prompt = ctx.prompt_estimate or 0
-        output = 0
-        if ctx.endpoint != "/v1/embeddings":
-            output = ctx.output_limit or self.settings.output_reserve_tokens
-        tokens = prompt + output
-        usd = self.prices.estimate(ctx.model, prompt, output)
-        usd_nano = math.ceil(usd * NANO) if usd is not None else 0
+    async def _reserve(self, ctx: RequestContext, limits: Limits, *, probe: bool = False) -> None:
+        """Charge the estimate to every budget window, or refuse. A ``probe`` (an endpoint the
+        proxy does not count) charges one token and one nano-dollar: refused once spent."""
+        if probe:
+            tokens, usd_nano = 1, 1
+        else:
+            prompt = ctx.prompt_estimate or 0
+            output = 0
+            if ctx.endpoint != "/v1/embeddings":
+                output = ctx.output_limit or self.settings.output_reserve_tokens
+            tokens = prompt + output
+            usd = self.prices.estimate(ctx.model, prompt, output)
+            usd_nano = math.ceil(usd * NANO) if usd is not None else 0
         now = self.clock()
-        key = ctx.key or ANONYMOUS
+        key = ctx.who.limits_scope
         charges, units, wins = [], [], windows(limits)
         for w in wins:
             label, ends = period_of(now, w.period)
@@ -438,6 +495,8 @@ class BudgetStage(Stage):
         else:
             total = fields["total_tokens"] or 0
             usd = self.prices.cost(ctx.model, fields)
+        if usd is None and total == 0:
+            usd = 0.0  # nothing was spent (a failure, or an answer without usage)
         actual_usd = math.ceil(usd * NANO) if usd is not None else r.usd_nano
         deltas = []
         for charge, unit in zip(r.charges, r.units, strict=True):

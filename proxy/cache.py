@@ -1,7 +1,9 @@
 """Exact-match response cache for the optimised endpoints, with single-flight.
 
-Key: SHA-256 over the endpoint path, the canonical JSON of the parsed body (keys sorted, no
-whitespace) and the scope (the API key's fingerprint plus organization and project, or "shared").
+Key: SHA-256 over the endpoint path and query string, the canonical JSON of the body as it will be
+sent upstream (after any trimming or output limit; keys sorted, no whitespace) and the scope (the
+API key's keyed hash plus organization and project, or "shared"). A body the proxy cannot read, or
+cannot write back canonically, is never cached (``BYPASS``).
 Only complete 2xx answers are stored: a stream once its ``[DONE]`` went by, never a cut one. A hit
 returns the stored body bytes (decoded, so any client can read them) with the original answer's
 ``content-type``, ``openai-*`` and ``x-request-id`` headers, ``x-thriftgate-cache: HIT`` and
@@ -28,7 +30,6 @@ from multidict import CIMultiDict
 
 from proxy.config import CacheSettings
 from proxy.context import RequestContext, context_of
-from proxy.errors import InvalidRequest
 from proxy.metrics import Metrics
 from proxy.store import REDIS, RedisGuard
 from proxy.types import Handler, Stage
@@ -38,7 +39,6 @@ from proxy.usage import Decoder, decoded, usage_of
 log = structlog.get_logger("thriftgate.cache")
 
 CACHE_HEADER = "x-thriftgate-cache"
-TTL_HEADER = "x-thriftgate-cache-ttl"
 _MAGIC = b"TGC1"
 
 
@@ -90,8 +90,11 @@ class Entry:
         )
 
 
-def cache_key(endpoint: str, body: dict[str, Any], scope: str) -> str:
-    digest = hashlib.sha256(endpoint.encode())
+def cache_key(endpoint: str, body: dict[str, Any], scope: str, query: str = "") -> str:
+    """Raises ``TypeError`` for a body orjson cannot write (nested too deep)."""
+    digest = hashlib.sha256(endpoint.encode("utf-8", "surrogateescape"))
+    if query:
+        digest.update(b"?" + query.encode("utf-8", "surrogateescape"))
     digest.update(b"\n")
     digest.update(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
     digest.update(b"\n")
@@ -303,18 +306,28 @@ class CacheStage(Stage):
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
-        if ctx is None or not ctx.optimised or self.backend is None or ctx.body is None:
+        if ctx is None or not ctx.optimised or self.backend is None:
             return await handler(request)
-        ttl = self._ttl(request)
+        ttl = self.settings.ttl_s if ctx.control.cache_ttl_s is None else ctx.control.cache_ttl_s
         control = request.headers.get("Cache-Control", "").lower()
-        if "no-store" in control or not self._eligible(ctx):
+        key = None
+        if (
+            ctx.unreadable is None
+            and ctx.body is not None
+            and "no-store" not in control
+            and self._eligible(ctx)
+        ):
+            try:
+                key = cache_key(ctx.endpoint, ctx.body, self._scope(ctx), request.query_string)
+            except TypeError:  # nested deeper than orjson writes
+                ctx.unreadable = "body"
+        if key is None:
             ctx.cache = "bypass"
             self.metrics.cache["bypass"] += 1
             resp = await handler(request)
             resp.headers[CACHE_HEADER] = "BYPASS"
             return resp
 
-        key = cache_key(ctx.endpoint, ctx.body, self._scope(ctx))
         leader: asyncio.Future[Entry | None] | None = None
         if "no-cache" not in control:
             entry = await self.backend.get(key)
@@ -343,22 +356,6 @@ class CacheStage(Stage):
         return resp
 
     # -- decisions -----------------------------------------------------------------------------
-    def _ttl(self, request: web.Request) -> float:
-        raw = request.headers.get(TTL_HEADER)
-        if raw is None:
-            return self.settings.ttl_s
-        try:
-            ttl = float(raw)
-        except ValueError:
-            ttl = -1.0
-        if not ttl >= 0 or ttl == float("inf"):
-            raise InvalidRequest(
-                f"{TTL_HEADER} must be a number of seconds (0 or more), not {raw!r}",
-                param=TTL_HEADER,
-                code="invalid_cache_ttl",
-            )
-        return ttl
-
     def _eligible(self, ctx: RequestContext) -> bool:
         model = ctx.model or ""
         if any(fnmatch.fnmatchcase(model, pattern) for pattern in self.settings.exclude_models):
@@ -371,7 +368,7 @@ class CacheStage(Stage):
     def _scope(self, ctx: RequestContext) -> str:
         if self.settings.scope == "shared":
             return "shared"
-        return f"{ctx.key}|{ctx.organization or ''}|{ctx.project or ''}"
+        return f"{ctx.who.scope}|{ctx.organization or ''}|{ctx.project or ''}"
 
     # -- hits, misses, single-flight ---------------------------------------------------------
     async def _follow(self, flight: asyncio.Future[Entry | None]) -> Entry | None:

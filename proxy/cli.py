@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -22,7 +23,6 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.config import ConfigError, Settings, load_settings
-from proxy.context import fingerprint
 from proxy.logs import configure_logging
 
 log = structlog.get_logger("thriftgate")
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fingerprint", help="print an API key's fingerprint (for [keys] tables and usage logs)"
     )
     fp.add_argument("key", nargs="?", default="-", help="the key; - or nothing: read from stdin")
+    fp.add_argument(
+        "--full", action="store_true", help="the whole SHA-256 (64 hex) instead of its first 12"
+    )
     usage = sub.add_parser("usage", help="totals from usage logs: requests, tokens, cost, ...")
     usage.add_argument(
         "files", nargs="*", default=["-"], help="usage logs, plain or gzipped; - or none: stdin"
@@ -100,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "tokens":
         return count_tokens(args.request, args.model)
     if args.command == "fingerprint":
-        return print_fingerprint(args.key)
+        return print_fingerprint(args.key, full=args.full)
     if args.command == "usage":
         return usage_report(args)
     if args.command == "batch":
@@ -236,7 +239,9 @@ def batch_command(args: argparse.Namespace) -> int:
     return 0 if stats.failed == 0 else 1
 
 
-def print_fingerprint(key: str) -> int:
+def print_fingerprint(key: str, *, full: bool = False) -> int:
+    from proxy.keys import fingerprint
+
     secret = sys.stdin.readline() if key == "-" else key
     secret = secret.strip()
     if secret.lower().startswith("bearer "):
@@ -244,7 +249,7 @@ def print_fingerprint(key: str) -> int:
     if not secret:
         print("thriftgate: no key given", file=sys.stderr)
         return 2
-    print(fingerprint(secret))
+    print(hashlib.sha256(secret.encode()).hexdigest() if full else fingerprint(secret))
     return 0
 
 

@@ -31,6 +31,12 @@ class ServerSettings:
     max_body_bytes: int = 100 * 1024 * 1024
     admin_token: str | None = field(default=None, repr=False)  # protects /metrics when set
     metrics_dir: str | None = None  # workers share their counters here (set by --workers N)
+    # the HMAC key of the tenant scope (cache, budgets, limits); every replica sharing a Redis
+    # must use the same one. The default is public: set your own so that what is stored in Redis
+    # cannot even be checked against a candidate API key.
+    scope_secret: str = field(default="thriftgate-scope-v1", repr=False)
+    header_timeout_s: float = 10.0  # a request's headers must arrive whole within this
+    body_timeout_s: float = 60.0  # ...and its body without a pause longer than this
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +76,8 @@ class RedisSettings:
     url: str | None = field(default=None, repr=False)
     timeout_s: float = 0.25  # one operation; past it the operation is skipped, never the request
     retry_after_s: float = 1.0  # after a failure Redis is left alone this long, then tried again
+    # budgets while Redis is unreachable: local (per-process counters) | closed (refuse, 503)
+    on_failure: str = "local"
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +279,29 @@ class Settings:
         )
 
 
+_SECRET_PARAM = ("key", "token", "secret", "password", "passwd", "pwd", "auth", "sig", "credential")
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to show: user-info replaced by ``***`` and the values of secret-looking query
+    parameters (api-key, token, sig, ...) by ``***``. What cannot be parsed is hidden whole."""
+    try:
+        parsed = URL(url)
+        if parsed.user is not None or parsed.password is not None:
+            parsed = parsed.with_user(None).with_password(None)
+            shown = str(parsed).replace("://", "://***@", 1)
+            parsed = URL(shown, encoded=True)
+        if parsed.query_string:
+            query = [
+                (k, "***" if any(w in k.lower() for w in _SECRET_PARAM) else v)
+                for k, v in parsed.query.items()
+            ]
+            parsed = parsed.with_query(query)
+        return str(parsed)
+    except (ValueError, TypeError):
+        return "<unparsable URL>"
+
+
 def _name(url: str) -> str:
     parsed = URL(url)
     return f"{parsed.host}:{parsed.port}" if parsed.explicit_port else str(parsed.host)
@@ -285,6 +316,9 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("server", "max_body_bytes"): ("THRIFTGATE_MAX_BODY_BYTES",),
     ("server", "admin_token"): ("THRIFTGATE_ADMIN_TOKEN",),
     ("server", "metrics_dir"): ("THRIFTGATE_METRICS_DIR",),
+    ("server", "scope_secret"): ("THRIFTGATE_SCOPE_SECRET",),
+    ("server", "header_timeout_s"): ("THRIFTGATE_HEADER_TIMEOUT_S",),
+    ("server", "body_timeout_s"): ("THRIFTGATE_BODY_TIMEOUT_S",),
     ("upstream", "url"): ("THRIFTGATE_UPSTREAM_URL",),
     ("upstream", "api_key"): ("THRIFTGATE_UPSTREAM_API_KEY",),
     ("upstream", "connect_timeout_s"): ("THRIFTGATE_CONNECT_TIMEOUT_S",),
@@ -296,6 +330,7 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("usage", "force_stream_usage"): ("THRIFTGATE_FORCE_STREAM_USAGE",),
     ("redis", "url"): ("THRIFTGATE_REDIS_URL", "REDIS_URL"),
     ("redis", "timeout_s"): ("THRIFTGATE_REDIS_TIMEOUT_S",),
+    ("redis", "on_failure"): ("THRIFTGATE_REDIS_ON_FAILURE",),
     ("cache", "enabled"): ("THRIFTGATE_CACHE",),
     ("cache", "backend"): ("THRIFTGATE_CACHE_BACKEND",),
     ("cache", "ttl_s"): ("THRIFTGATE_CACHE_TTL", "OPENAI_CACHE_TTL"),
@@ -479,10 +514,11 @@ def parse_keys(where: str, tables: dict[str, Any]) -> tuple[KeyPolicy, ...]:
     for alias, table in tables.items():
         table = dict(table)
         fp = str(table.pop("fingerprint", alias)).lower()
-        if len(fp) != 12 or not set(fp) <= _FINGERPRINT:
+        if len(fp) not in (12, 64) or not set(fp) <= _FINGERPRINT:
             raise ConfigError(
                 f"{where}: keys.{alias}.fingerprint: {fp!r} is not a key fingerprint (12 hex "
-                "digits: the first of the key's SHA-256; `thriftgate fingerprint` prints it)"
+                "digits, or the key's whole SHA-256 in 64; `thriftgate fingerprint [--full]` "
+                "prints them)"
             )
         out.append(
             _table(f"{where}: keys.{alias}", KeyPolicy, {"alias": alias, "fingerprint": fp}, table)
@@ -508,7 +544,7 @@ def _target(path: str, index: int, table: dict[str, Any]) -> UpstreamTarget:
     )
     url = URL(target.url)
     if url.scheme not in {"http", "https"} or not url.host:
-        raise ConfigError(f"{where}.url: {target.url!r} is not an http(s) URL")
+        raise ConfigError(f"{where}.url: {redact_url(target.url)!r} is not an http(s) URL")
     if not target.weight > 0:
         raise ConfigError(f"{where}.weight: must be positive")
     return dataclasses.replace(target, name=target.name or _name(target.url))
@@ -599,9 +635,14 @@ def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
         fail("server", "max_body_bytes", "must be positive")
     if s.server.shutdown_grace_s < 0:
         fail("server", "shutdown_grace_s", "must not be negative")
+    for key in ("header_timeout_s", "body_timeout_s"):
+        if getattr(s.server, key) <= 0:
+            fail("server", key, "must be positive")
+    if not s.server.scope_secret:
+        fail("server", "scope_secret", "must not be empty")
     url = URL(s.upstream.url)
     if url.scheme not in {"http", "https"} or not url.host:
-        fail("upstream", "url", f"{s.upstream.url!r} is not an http(s) URL")
+        fail("upstream", "url", f"{redact_url(s.upstream.url)!r} is not an http(s) URL")
     for key in ("connect_timeout_s", "first_byte_timeout_s", "total_timeout_s", "idle_timeout_s"):
         if getattr(s.upstream, key) <= 0:
             fail("upstream", key, "must be positive")
@@ -617,6 +658,8 @@ def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
     for key in ("timeout_s", "retry_after_s"):
         if getattr(s.redis, key) <= 0:
             fail("redis", key, "must be positive")
+    if s.redis.on_failure not in {"local", "closed"}:
+        fail("redis", "on_failure", f"{s.redis.on_failure!r} is not one of local, closed")
     if s.cache.backend not in {"auto", "memory", "redis"}:
         fail("cache", "backend", f"{s.cache.backend!r} is not one of auto, memory, redis")
     if s.cache.backend == "redis" and s.redis.url is None:

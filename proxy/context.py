@@ -8,7 +8,6 @@ structlog's contextvars), fingerprints the API key, parses the body of the optim
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import time
 import uuid
@@ -20,7 +19,10 @@ import orjson
 import structlog
 from aiohttp import web
 
-from proxy.errors import InvalidRequest, PayloadTooLarge, ProxyError
+from proxy.errors import InvalidRequest, PayloadTooLarge, ProxyError, RequestTimeout
+from proxy.inbound import NO_CONTROL, Control, check_path, decode_body, read_headers, safe_text
+from proxy.keys import NOBODY, Identity
+from proxy.tokens import Count, unreadable_field
 from proxy.types import SETTINGS, Handler, Stage
 from proxy.upstream import Outcome, Reply
 
@@ -31,26 +33,11 @@ if TYPE_CHECKING:
 # POST endpoints whose JSON body the chain parses (cache, tokens, budgets, rate limits).
 OPTIMISED_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/completions"})
 
-TAGS_HEADER = "X-Thriftgate-Tags"  # "team=search,batch": labels for the usage log
-
 BAD_JSON = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
     "your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not "
     "valid JSON.)"
 )
-
-
-def fingerprint(secret: str) -> str:
-    """A short, stable, non-reversible name for an API key: 12 hex digits of its SHA-256."""
-    return hashlib.sha256(secret.encode()).hexdigest()[:12]
-
-
-def key_of(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    token = token.strip() if scheme.lower() == "bearer" else authorization.strip()
-    return fingerprint(token) if token else None
 
 
 @dataclass(slots=True)
@@ -59,13 +46,21 @@ class RequestContext:
     started: float
     method: str
     endpoint: str
-    key: str | None
+    key: str | None  # the key's fingerprint (display only)
+    who: Identity = NOBODY  # the key's hashes: cache, budgets and limits use ``who.scope``
+    control: Control = NO_CONTROL  # the x-thriftgate-* headers, checked
     key_alias: str | None = None
     organization: str | None = None
     project: str | None = None
-    optimised: bool = False
-    raw: bytes | None = None
+    optimised: bool = False  # a JSON endpoint whose body the proxy read (``raw``, ``body``)
+    raw: bytes | None = None  # the body to send upstream (the client's bytes unless rewritten)
+    rewritten: bool = False  # ``raw`` was re-serialised by a stage: plain JSON, no encoding
     body: dict[str, Any] | None = None
+    # the field of the body the stages cannot read ("body" for the whole of it), or None: such
+    # a request goes upstream unchanged (cache BYPASS, no count), or is refused when a stage
+    # needs what it cannot read (a key with a budget or a rate limit)
+    unreadable: str | None = None
+    count: Count | None = None  # the prompt, counted before the cache by the optimise stage
     model: str | None = None
     stream: bool = False
     user: str | None = None  # the body's ``user`` field
@@ -114,28 +109,35 @@ class RequestContextStage(Stage):
         # request ids: a random per-process prefix and a counter (unique, and cheap to make)
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
+        self.in_flight: set[asyncio.Task[Any]] = set()  # /v1 requests being answered
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/v1/"):
             return await handler(request)
+        headers = request.headers
+        who = self.keys.identify(headers.get("Authorization"))
         ctx = RequestContext(
             request_id=f"{self._id_prefix}{next(self._ids):016x}",
             started=time.monotonic(),
             method=request.method,
-            endpoint=request.path,
-            key=key_of(request.headers.get("Authorization")),
-            organization=request.headers.get("OpenAI-Organization"),
-            project=request.headers.get("OpenAI-Project"),
+            endpoint=safe_text(request.path),
+            key=who.fingerprint,
+            who=who,
         )
-        ctx.key_alias = self.keys.alias(ctx.key)
-        tags = request.headers.get(TAGS_HEADER)
-        if tags:
-            ctx.tags = [t.strip()[:100] for t in tags.split(",") if t.strip()][:20]
         request[CTX] = ctx
         # aiohttp runs each request in a task of its own (a copy of the connection's context),
         # so what is bound here never leaks into the next request: no need to clear first.
         structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
+        task = asyncio.current_task()
+        if task is not None:
+            self.in_flight.add(task)
         try:
+            check_path(request.raw_path)
+            ctx.control = read_headers(headers)  # every header's bytes checked here
+            ctx.tags = ctx.control.tags
+            ctx.key_alias = self.keys.alias(who)
+            ctx.organization = headers.get("OpenAI-Organization")
+            ctx.project = headers.get("OpenAI-Project")
             if request.method == "POST" and request.path in OPTIMISED_ENDPOINTS:
                 await self._parse(request, ctx)
             resp = await handler(request)
@@ -151,6 +153,9 @@ class RequestContextStage(Stage):
         except Exception:
             self._close(ctx, 500, "internal_error")
             raise
+        finally:
+            if task is not None:
+                self.in_flight.discard(task)
         ctx.status = resp.status
         if isinstance(resp, Reply):
             ctx.upstream_request_id = resp.headers.get("x-request-id")
@@ -161,18 +166,34 @@ class RequestContextStage(Stage):
 
     @staticmethod
     async def _parse(request: web.Request, ctx: RequestContext) -> None:
+        server = request.app[SETTINGS].server
+        limit = server.max_body_bytes
         try:
-            raw = await request.read()
+            if request.content.is_eof():
+                raw = await request.read()
+            else:  # the body is still arriving: it has body_timeout_s to finish
+                async with asyncio.timeout(server.body_timeout_s):
+                    raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            limit = request.app[SETTINGS].server.max_body_bytes
             raise PayloadTooLarge(
                 f"The request body is larger than this proxy's limit of {limit} bytes"
             ) from None
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body did not arrive within {server.body_timeout_s:g} s"
+            ) from None
         ctx.optimised = True
         ctx.raw = raw
+        text = decode_body(raw, request.headers.get("Content-Encoding"), limit)
+        if text is None:  # an encoding this process cannot undo: the upstream decides
+            ctx.unreadable = "body"
+            return
         try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            body = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            if str(exc).startswith("depth limit"):  # valid JSON, nested deeper than we read
+                ctx.unreadable = "body"
+                return
             raise InvalidRequest(BAD_JSON, code="invalid_json") from None
         if not isinstance(body, dict):
             raise InvalidRequest(
@@ -186,6 +207,7 @@ class RequestContextStage(Stage):
         ctx.stream = body.get("stream") is True
         user = body.get("user")
         ctx.user = user[:200] if isinstance(user, str) else None
+        ctx.unreadable = unreadable_field(ctx.endpoint, body)
 
     def _delivered(self, ctx: RequestContext, outcome: Outcome) -> None:
         done = time.monotonic()

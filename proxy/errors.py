@@ -55,6 +55,20 @@ class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
 
 
+class RequestTimeout(InvalidRequest):
+    """The client did not send its request (headers or body) in time."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class ServiceUnavailable(ProxyError):
+    """The proxy cannot serve this request now (shared state it needs is unreachable)."""
+
+    status = 503
+    code = "service_unavailable"
+
+
 class QuotaExceeded(ProxyError):
     """A key's budget is spent: OpenAI's own 429 for an exhausted quota (not worth retrying)."""
 

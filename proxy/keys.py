@@ -1,17 +1,68 @@
 """Who a key is and what it may spend: the defaults with each ``[keys."alias"]`` table on top.
 
-Keys are known only by their fingerprint (``context.fingerprint``); a request without a key counts
-as the key ``-``.
+A key is never kept. It is known by three hashes, made once per request (``identify``):
+
+- its **fingerprint**, the first 12 hex digits of its SHA-256: for display only (usage lines,
+  ``[keys]`` tables, alerts); 48 bits, so two keys can share one;
+- its **digest**, the whole SHA-256, which a ``[keys]`` table may name instead of the fingerprint;
+- its **scope**, HMAC-SHA256 keyed with ``server.scope_secret``: what cache entries, budget
+  counters and rate-limit buckets are filed under. 256 bits: a collision is not a practical attack.
+
+A request without a key, or with one that does not look like an API key (``looks_like_key``),
+counts as the key ``-`` for budgets and rate limits, so random strings create no lasting state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
+import re
 from dataclasses import dataclass
 
 from proxy.config import KeyPolicy, Settings
 
 ANONYMOUS = "-"
+_KEY_SHAPE = re.compile(rb"^[A-Za-z0-9_\-.:+/=~]{8,512}$")
+
+
+def fingerprint(secret: str) -> str:
+    """A short, stable, non-reversible name for an API key: 12 hex digits of its SHA-256."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def bearer_token(authorization: str | None) -> bytes | None:
+    """The key in an Authorization header (``Bearer <key>``, or the bare key), as sent."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else authorization.strip()
+    return token.encode("utf-8", "surrogateescape") if token else None
+
+
+def looks_like_key(token: bytes) -> bool:
+    """8 to 512 characters of the kinds API keys are made of (OpenAI's, Azure's, most others')."""
+    return _KEY_SHAPE.match(token) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    fingerprint: str | None  # display
+    digest: str | None  # the whole SHA-256, for [keys] tables that name it
+    scope: str  # HMAC-SHA256: cache, budgets, limits (ANONYMOUS without a key)
+    limits_scope: str  # scope, or ANONYMOUS for a key that does not look like one
+
+
+NOBODY = Identity(None, None, ANONYMOUS, ANONYMOUS)
+
+
+def identify(authorization: str | None, secret: bytes) -> Identity:
+    token = bearer_token(authorization)
+    if token is None:
+        return NOBODY
+    digest = hashlib.sha256(token).hexdigest()
+    scope = hmac.new(secret, token, hashlib.sha256).hexdigest()
+    return Identity(digest[:12], digest, scope, scope if looks_like_key(token) else ANONYMOUS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +105,7 @@ class Keys:
             r.tpm_burst,
         )
         self._by_fingerprint = {k.fingerprint: self._resolve(k) for k in settings.keys}
+        self.scope_secret = settings.server.scope_secret.encode()
 
     def _resolve(self, policy: KeyPolicy) -> Limits:
         overrides = {
@@ -63,13 +115,21 @@ class Keys:
         }
         return dataclasses.replace(self.default, alias=policy.alias, **overrides)
 
-    def limits(self, fingerprint: str | None) -> Limits:
-        if fingerprint is None:
-            return self.default
-        return self._by_fingerprint.get(fingerprint, self.default)
+    def identify(self, authorization: str | None) -> Identity:
+        return identify(authorization, self.scope_secret)
 
-    def alias(self, fingerprint: str | None) -> str | None:
-        return self.limits(fingerprint).alias
+    def limits(self, who: Identity | None) -> Limits:
+        """A key's limits: its ``[keys]`` table (named by the whole digest, or by the
+        fingerprint), else the defaults."""
+        if who is None or who.digest is None or not self._by_fingerprint:
+            return self.default
+        found = self._by_fingerprint.get(who.digest)
+        if found is None:
+            found = self._by_fingerprint.get(who.digest[:12], self.default)
+        return found
+
+    def alias(self, who: Identity | None) -> str | None:
+        return self.limits(who).alias
 
     @property
     def any_budget(self) -> bool:

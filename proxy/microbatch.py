@@ -174,7 +174,9 @@ class EmbeddingsBatcher(Stage):
         body = {**(leader.ctx.body or {}), "input": [i for m in members for i in m.inputs]}
         t0 = time.monotonic()
         try:
-            reply = await self.send_upstream(leader.request, orjson.dumps(body), stream=False)
+            reply = await self.send_upstream(
+                leader.request, orjson.dumps(body), stream=False, rewritten=True
+            )
             raw = await reply.read()
         except Exception as exc:
             log.info("microbatch_failed", error=repr(exc)[:200], requests=len(members))

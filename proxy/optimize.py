@@ -1,4 +1,5 @@
-"""Opt-in token optimisations, applied by the budget stage before anything is reserved:
+"""Opt-in token optimisations, applied to chat requests before the cache looks them up (so the
+cache key is what is actually sent upstream):
 
 - history trimming: keep every system/developer message and the most recent N others, never
   separating an assistant's tool calls from their results, and only above a token threshold;
@@ -6,7 +7,8 @@
   model's output limit) in the field the model expects.
 
 Both change what is sent upstream (the body is re-serialised), which is why they are off unless
-configured (``[optimize]``) or asked for (``x-thriftgate-trim: last-10``).
+configured (``[optimize]``) or asked for (``x-thriftgate-trim: last-10``). A request that needs
+neither costs this stage two attribute reads.
 """
 
 from __future__ import annotations
@@ -14,31 +16,30 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from proxy.config import ModelInfo, OptimizeSettings
-from proxy.errors import InvalidRequest
+import orjson
+from aiohttp import web
 
-TRIM_HEADER = "X-Thriftgate-Trim"
+from proxy.config import ModelInfo, OptimizeSettings
+from proxy.context import RequestContext, context_of
+from proxy.inbound import Control
+from proxy.tokens import Catalogue, Uncountable, count_request_async
+from proxy.types import Handler, Stage
+
+CHAT = "/v1/chat/completions"
 PINNED_ROLES = frozenset({"system", "developer"})
 RESULT_ROLES = frozenset({"tool", "function"})
 OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens")
 _REASONING = re.compile(r"^(o\d|gpt-5)")
-_TRIM = re.compile(r"^last-(\d{1,4})$")
 
 
-def trim_keep(header: str | None, settings: OptimizeSettings) -> int | None:
-    """How many recent messages to keep for this request (None: no trimming)."""
-    if header is None:
-        return settings.trim_keep if settings.trim else None
-    value = header.strip().lower()
-    if value in {"off", "none", "no", "0"}:
+def keep_for(control: Control, settings: OptimizeSettings) -> int | None:
+    """How many recent messages to keep for this request (None: no trimming), from its
+    already-checked ``x-thriftgate-trim`` header or the configuration."""
+    if control.trim_off:
         return None
-    match = _TRIM.match(value)
-    if match is None or int(match.group(1)) < 1:
-        raise InvalidRequest(
-            f"Invalid {TRIM_HEADER} header {header!r}: use last-N (for example last-10) or off.",
-            code="invalid_header",
-        )
-    return int(match.group(1))
+    if control.trim_keep is not None:
+        return control.trim_keep
+    return settings.trim_keep if settings.trim else None
 
 
 def _role(message: Any) -> Any:
@@ -79,3 +80,64 @@ def dynamic_max_tokens(
     if value < 1:
         return None
     return output_field(body["model"]), value
+
+
+class OptimizeStage(Stage):
+    """Trims history and sets an output limit on chat requests that ask for it (or whose
+    configuration does), before the cache: the request is counted here, and the count is kept
+    for the budget stage (``ctx.count``)."""
+
+    def __init__(self, settings: OptimizeSettings, catalogue: Catalogue) -> None:
+        self.settings = settings
+        self.catalogue = catalogue
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        ctx = context_of(request)
+        if ctx is not None and ctx.body is not None and ctx.unreadable is None:
+            keep = keep_for(ctx.control, self.settings)
+            if (keep is not None or self.settings.dynamic_max_tokens) and ctx.endpoint == CHAT:
+                await self._optimise(ctx, keep)
+        return await handler(request)
+
+    async def _optimise(self, ctx: RequestContext, keep: int | None) -> None:
+        assert ctx.body is not None
+        size = len(ctx.raw or b"")
+        try:
+            count = await count_request_async(ctx.endpoint, ctx.body, size)
+        except Uncountable as exc:
+            ctx.unreadable = exc.param
+            return
+        body = ctx.body
+        done: dict[str, Any] = {}
+        messages = body.get("messages")
+        if (
+            keep is not None
+            and isinstance(messages, list)
+            and count.tokens > self.settings.trim_threshold_tokens
+        ):
+            kept = trim_history(messages, keep)
+            if len(kept) < len(messages):
+                body = {**body, "messages": kept}
+                before = count.tokens
+                count = await count_request_async(ctx.endpoint, body, size)
+                done.update(
+                    trim=f"last-{keep}",
+                    messages_dropped=len(messages) - len(kept),
+                    tokens_saved=before - count.tokens,
+                )
+        if self.settings.dynamic_max_tokens:
+            limit = dynamic_max_tokens(
+                body, count.tokens, self.catalogue.lookup(ctx.model), self.settings.max_tokens_cap
+            )
+            if limit is not None:
+                body = {**body, limit[0]: limit[1]}
+                done.update(max_tokens_field=limit[0], max_tokens=limit[1])
+        if done:
+            try:
+                raw = orjson.dumps(body)
+            except TypeError:  # nested deeper than orjson writes: leave the request alone
+                ctx.unreadable = "body"
+                return
+            ctx.body, ctx.raw, ctx.rewritten = body, raw, True
+            ctx.extra["optimized"] = done
+        ctx.count = count

@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection
 
 import structlog
 
-from proxy.config import UpstreamSettings, UpstreamTarget
+from proxy.config import UpstreamSettings, UpstreamTarget, redact_url
 from proxy.metrics import Metrics
 
 log = structlog.get_logger("thriftgate.pool")
@@ -82,7 +82,7 @@ class Target:
     def status(self) -> dict[str, object]:
         return {
             "name": self.name,
-            "url": self.url,
+            "url": redact_url(self.url),
             "state": self.state,
             "consecutive_failures": self.failures,
         }

@@ -35,8 +35,8 @@ from redis.asyncio import Redis
 
 from proxy.config import ModelLimit, RateLimitSettings
 from proxy.context import RequestContext, context_of
-from proxy.errors import ProxyError
-from proxy.keys import ANONYMOUS, Keys, Limits
+from proxy.errors import InvalidRequest, ProxyError
+from proxy.keys import Keys, Limits
 from proxy.metrics import Metrics
 from proxy.store import REDIS, RedisGuard
 from proxy.types import Handler, Stage
@@ -355,12 +355,15 @@ class RateLimitStage(Stage):
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
-        if ctx is None or not ctx.optimised or ctx.model is None:
+        if ctx is None or not ctx.optimised or (not self.enabled and not self.adaptive):
             return await handler(request)
-        if not self.enabled and not self.adaptive:
+        if ctx.model is None or ctx.unreadable is not None:
+            # what cannot be read cannot be charged: refused for a rate-limited key, else sent
+            if self.enabled and self.keys.limits(ctx.who).rate_limited:
+                raise _unreadable(ctx)
             return await handler(request)
         charge: Charge | None = None
-        limits = self.keys.limits(ctx.key)
+        limits = self.keys.limits(ctx.who)
         verdict: Verdict | None = None
         if self.enabled:
             tokens = self._tokens(ctx)
@@ -388,7 +391,7 @@ class RateLimitStage(Stage):
 
     def _buckets(self, ctx: RequestContext, limits: Limits, tokens: int) -> list[Bucket]:
         prefix = self.settings.redis_prefix
-        key = ctx.key or ANONYMOUS
+        key = ctx.who.limits_scope
         out = []
         rpm, tpm = limits.rpm, limits.tpm
         if rpm:
@@ -426,7 +429,7 @@ class RateLimitStage(Stage):
                     headers={"x-should-retry": "false"},
                 )
         queue_mode = self.settings.mode == "queue"
-        scope = ctx.key or ANONYMOUS
+        scope = ctx.who.limits_scope
         queue = self.queues.get(scope)
         if not queue:  # nobody waiting ahead: the common, fast path
             hold = self._hold_left(ctx)
@@ -538,7 +541,7 @@ class RateLimitStage(Stage):
 
     def _scope(self, ctx: RequestContext) -> tuple[str | None, str]:
         assert ctx.model is not None
-        return (None if self.shared_upstream_key else ctx.key, ctx.model)
+        return (None if self.shared_upstream_key else ctx.who.limits_scope, ctx.model)
 
     def _hold_left(self, ctx: RequestContext) -> float:
         if not self.held_until:
@@ -586,6 +589,16 @@ class RateLimitStage(Stage):
             self._count("upstream_hold")
             scope = self._scope(ctx)
             self.held_until[scope] = max(self.held_until.get(scope, 0.0), self.now() + hold)
+
+
+def _unreadable(ctx: RequestContext) -> InvalidRequest:
+    param = ctx.unreadable or "model"
+    return InvalidRequest(
+        f"thriftgate cannot count this request for its rate limits: its '{param}' is not of the "
+        "type the API defines (model must be a string). Fix the request's shape.",
+        param=param,
+        code="invalid_request_shape",
+    )
 
 
 def _int(value: str | None) -> int | None:

@@ -25,7 +25,7 @@ from tenacity import AsyncRetrying, RetryCallState
 
 from proxy.config import RetrySettings
 from proxy.context import RequestContext, context_of
-from proxy.errors import InvalidRequest, ProxyError, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from proxy.metrics import Metrics
 from proxy.types import Handler, Stage
 from proxy.upstream import Reply
@@ -34,7 +34,6 @@ from proxy.usage import decoded
 log = structlog.get_logger("thriftgate.retry")
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
-MAX_RETRIES_HEADER = "x-thriftgate-max-retries"
 ATTEMPTS_HEADER = "x-thriftgate-attempts"
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -89,7 +88,7 @@ class RetryStage(Stage):
         # only a body the proxy holds can be sent again; requests without a body need none
         if ctx is None or not self.settings.enabled or (not ctx.optimised and request.body_exists):
             return await handler(request)
-        attempts = self._attempts(request)
+        attempts = self._attempts(ctx)
         if attempts <= 1:
             return await handler(request)
         started = self.clock()
@@ -190,17 +189,9 @@ class RetryStage(Stage):
         self._mark(ctx, count, waited, resp.headers, final_failure=final)
         return resp
 
-    def _attempts(self, request: web.Request) -> int:
-        raw = request.headers.get(MAX_RETRIES_HEADER)
-        if raw is None:
-            return self.settings.max_attempts
-        if not raw.strip().isdigit() or int(raw) > 10:
-            raise InvalidRequest(
-                f"{MAX_RETRIES_HEADER} must be a whole number of retries from 0 to 10, not {raw!r}",
-                param=MAX_RETRIES_HEADER,
-                code="invalid_max_retries",
-            )
-        return int(raw) + 1
+    def _attempts(self, ctx: RequestContext) -> int:
+        retries = ctx.control.max_retries  # checked (0 to 10) by the context stage
+        return self.settings.max_attempts if retries is None else retries + 1
 
     def _mark(
         self,

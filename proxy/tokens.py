@@ -97,6 +97,12 @@ def encoding(name: str) -> tiktoken.Encoding:
     )
 
 
+def preload_encodings() -> None:
+    """Load every shipped encoding now (each is cached for the life of the process)."""
+    for name in _ENCODINGS:
+        encoding(name)
+
+
 # -- counting ------------------------------------------------------------------------------------
 
 # Above this many bytes of request body, counting runs in a worker thread, off the event loop.
@@ -241,9 +247,75 @@ def count_embeddings_input(enc: tiktoken.Encoding, value: Any) -> int:
     return 0
 
 
+def _dicts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+
+def _tool_problem(tools: Any, field: str) -> str | None:
+    if not _dicts(tools):
+        return field
+    for i, tool in enumerate(tools):
+        fn = tool.get("function", tool)
+        if not isinstance(fn, dict):
+            return f"{field}[{i}].function"
+        params = fn.get("parameters")
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            return f"{field}[{i}].function.parameters"
+        props = params.get("properties")
+        if props is not None and not isinstance(props, dict):
+            return f"{field}[{i}].function.parameters.properties"
+        for name, prop in (props or {}).items():
+            if isinstance(prop, dict) and "enum" in prop and not isinstance(prop["enum"], list):
+                return f"{field}[{i}].function.parameters.properties.{name}.enum"
+    return None
+
+
+def unreadable_field(endpoint: str, body: dict[str, Any]) -> str | None:
+    """The first field of a request body the counter cannot read as OpenAI defines it (a wrong
+    type), or None. OpenAI refuses such a body itself; the proxy only needs to know not to act
+    on it."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        return "model"
+    if endpoint.endswith("/embeddings"):
+        value = body.get("input")
+        return None if value is None or isinstance(value, str | list) else "input"
+    if endpoint.endswith("/completions") and "messages" not in body:
+        value = body.get("prompt")
+        return None if value is None or isinstance(value, str | list) else "prompt"
+    messages = body.get("messages")
+    if messages is not None:
+        if not _dicts(messages):
+            return "messages"
+        for i, message in enumerate(messages):
+            content = message.get("content")
+            if content is not None and not isinstance(content, str) and not _dicts(content):
+                return f"messages[{i}].content"
+    for field in ("tools", "functions"):
+        tools = body.get(field)
+        if tools is not None:
+            problem = _tool_problem(tools, field)
+            if problem is not None:
+                return problem
+    return None
+
+
+class Uncountable(ValueError):
+    """A body the counter cannot read (``param``: the field, or "body")."""
+
+    def __init__(self, param: str) -> None:
+        super().__init__(param)
+        self.param = param
+
+
 def count_request(endpoint: str, body: dict[str, Any], model: str | None = None) -> Count:
     """The prompt tokens of a request body for ``endpoint`` (chat, embeddings, completions)."""
-    name, approximate = encoding_name_for(model or body.get("model"))
+    if model is None:
+        named = body.get("model")
+        model = named if isinstance(named, str) else None
+    name, approximate = encoding_name_for(model)
     enc = encoding(name)
     estimated = False
     if endpoint.endswith("/embeddings"):
@@ -258,13 +330,21 @@ def count_request(endpoint: str, body: dict[str, Any], model: str | None = None)
     return Count(tokens, name, approximate or estimated, estimated)
 
 
+def _count_or_raise(endpoint: str, body: dict[str, Any], model: str | None) -> Count:
+    try:
+        return count_request(endpoint, body, model)
+    except (TypeError, ValueError, AttributeError, RecursionError, KeyError):
+        raise Uncountable("body") from None  # a shape unreadable_field does not look into
+
+
 async def count_request_async(
     endpoint: str, body: dict[str, Any], size: int, model: str | None = None
 ) -> Count:
-    """``count_request``, in a worker thread when the body is large, so no request stalls."""
+    """``count_request``, in a worker thread when the body is large, so no request stalls;
+    ``Uncountable`` when the body's shape defeats the counter."""
     if size > OFF_LOOP_BYTES:
-        return await asyncio.to_thread(count_request, endpoint, body, model)
-    return count_request(endpoint, body, model)
+        return await asyncio.to_thread(_count_or_raise, endpoint, body, model)
+    return _count_or_raise(endpoint, body, model)
 
 
 # -- the model catalogue -------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import UpstreamSettings
-from proxy.errors import PayloadTooLarge, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import PayloadTooLarge, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
 from proxy.pool import Target
 
 log = structlog.get_logger("thriftgate.upstream")
@@ -40,21 +40,21 @@ HOP_BY_HOP = frozenset(
 )
 # An answer of known length up to this size is read whole and sent in one write (not a stream).
 SMALL_BODY = 256 * 1024
-# thriftgate's own request headers: instructions to the proxy, not sent upstream.
-CONTROL_HEADERS = (
-    "X-Thriftgate-Cache-Ttl",
-    "X-Thriftgate-Max-Retries",
-    "X-Thriftgate-Trim",
-    "X-Thriftgate-Tags",
-)
+# thriftgate's own request headers (x-thriftgate-*, known or not): never sent upstream.
+CONTROL_PREFIX = "x-thriftgate-"
 # Headers aiohttp's client would otherwise add on its own: a transparent proxy adds nothing.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-def end_to_end(headers: CIMultiDictProxy[str] | CIMultiDict[str], *also: str) -> CIMultiDict[str]:
-    """A copy of ``headers`` without hop-by-hop ones (the fixed set and those Connection names)
-    and without the names in ``also``."""
-    out = CIMultiDict(headers)
+def end_to_end(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], *also: str, prefix: str | None = None
+) -> CIMultiDict[str]:
+    """A copy of ``headers`` without hop-by-hop ones (the fixed set and those Connection names),
+    without the names in ``also`` and without any name starting with ``prefix``."""
+    if prefix is not None:
+        out = CIMultiDict((k, v) for k, v in headers.items() if not k.lower().startswith(prefix))
+    else:
+        out = CIMultiDict(headers)
     named = [
         token.strip()
         for value in headers.getall("Connection", ())
@@ -227,16 +227,29 @@ def _expire(task: asyncio.Task[object], expired: list[bool]) -> None:
 
 
 class _BodyCounter:
-    """Streams a request body of unknown length upstream, stopping it past the size limit."""
+    """Streams a request body upstream, stopping it past the size limit or after a pause longer
+    than ``idle_s`` (the client stopped sending)."""
 
-    def __init__(self, source: aiohttp.StreamReader, limit: int) -> None:
+    def __init__(self, source: aiohttp.StreamReader, limit: int, idle_s: float) -> None:
         self.source = source
         self.limit = limit
+        self.idle_s = idle_s
         self.seen = 0
         self.exceeded = False
+        self.stalled = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self.source.iter_any():
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_s):
+                    chunk = await self.source.readany()
+            except TimeoutError:
+                self.stalled = True
+                raise RequestTimeout(
+                    f"The request body paused for more than {self.idle_s:g} s"
+                ) from None
+            if not chunk:
+                return
             self.seen += len(chunk)
             if self.seen > self.limit:
                 self.exceeded = True
@@ -286,11 +299,20 @@ class Upstream:
 
     @staticmethod
     def request_headers(
-        request: web.BaseRequest, api_key: str | None, *, fixed_body: bool
+        request: web.BaseRequest,
+        api_key: str | None,
+        *,
+        fixed_body: bool,
+        rewritten: bool = False,
     ) -> CIMultiDict[str]:
-        # with the body in hand, aiohttp sets Content-Length from the bytes, to the same value
-        drop = ("Host", *CONTROL_HEADERS, *(("Content-Length",) if fixed_body else ()))
-        headers = end_to_end(request.headers, *drop)
+        # with the body in hand, aiohttp sets Content-Length from the bytes, to the same value;
+        # a body a stage re-serialised is plain JSON, whatever encoding the client's had
+        drop = (
+            "Host",
+            *(("Content-Length",) if fixed_body else ()),
+            *(("Content-Encoding",) if rewritten else ()),
+        )
+        headers = end_to_end(request.headers, *drop, prefix=CONTROL_PREFIX)
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         return headers
@@ -303,10 +325,13 @@ class Upstream:
         target: Target,
         *,
         stream: bool = False,
+        rewritten: bool = False,
+        body_idle_s: float = 60.0,
     ) -> Reply:
         """Send the request upstream and return the reply once its status and headers arrived.
 
-        ``body`` is the already-read request body, or None to stream the client's body through.
+        ``body`` is the already-read request body (``rewritten``: re-serialised by a stage, so
+        plain JSON), or None to stream the client's body through.
         """
         data: bytes | _BodyCounter | None = body
         if body is None and request.body_exists:
@@ -316,8 +341,10 @@ class Upstream:
                     f"The request body ({length} bytes) is larger than this proxy's limit of "
                     f"{max_body} bytes"
                 )
-            data = _BodyCounter(request.content, max_body)
-        headers = self.request_headers(request, target.api_key, fixed_body=body is not None)
+            data = _BodyCounter(request.content, max_body, body_idle_s)
+        headers = self.request_headers(
+            request, target.api_key, fixed_body=body is not None, rewritten=rewritten
+        )
         url = self.url(request, target.base)
         # time to first byte: one timer that cancels this task (lighter than asyncio.timeout)
         task = asyncio.current_task()
@@ -342,7 +369,7 @@ class Upstream:
             raise UpstreamTimeout(
                 f"The upstream did not answer within the proxy's time limit ({url.host})"
             ) from None
-        except PayloadTooLarge:
+        except (PayloadTooLarge, RequestTimeout):
             raise
         except TimeoutError:
             raise UpstreamTimeout(
@@ -351,6 +378,10 @@ class Upstream:
         except aiohttp.ClientError as exc:
             if isinstance(data, _BodyCounter) and data.exceeded:
                 raise PayloadTooLarge(f"The request body is larger than {max_body} bytes") from None
+            if isinstance(data, _BodyCounter) and data.stalled:
+                raise RequestTimeout(
+                    f"The request body paused for more than {body_idle_s:g} s"
+                ) from None
             raise UpstreamUnavailable(
                 f"The upstream {url.host} could not be reached: {type(exc).__name__}"
             ) from None

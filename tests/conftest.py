@@ -20,9 +20,15 @@ from fake_openai import FakeOpenAI
 
 from proxy.app import create_app
 from proxy.config import Settings, load_settings
+from proxy.keys import Keys
 from proxy.logs import configure_logging
 
 API_KEY = "sk-test-0123456789abcdef"
+
+
+def scope_of(api_key: str, settings: Settings | None = None) -> str:
+    """The keyed hash the proxy files a key's cache entries, budgets and limits under."""
+    return Keys(settings or Settings()).identify(f"Bearer {api_key}").scope
 
 
 def free_port() -> int:

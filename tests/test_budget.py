@@ -13,14 +13,14 @@ import openai
 import orjson
 import pytest
 import redis.asyncio as redis
-from conftest import API_KEY, MakeProxy, Proxy, RedisServer
+from conftest import API_KEY, MakeProxy, Proxy, RedisServer, scope_of
 from fake_openai import FakeOpenAI, Fault
 
 from proxy import tokens
 from proxy.app import BUDGET
 from proxy.budget import MemoryCounters, RedisCounters, period_of
 from proxy.config import ConfigError, ModelInfo, load_settings
-from proxy.context import fingerprint
+from proxy.keys import fingerprint
 from proxy.tokens import Catalogue
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Cache-Control": "no-store"}
@@ -151,6 +151,7 @@ def test_bad_model_tables(tmp_path: Path) -> None:
 # -- per-key budgets -----------------------------------------------------------------------------
 
 FP = fingerprint(API_KEY)
+SCOPE = scope_of(API_KEY)
 NO_RETRY = {**AUTH, "x-thriftgate-max-retries": "0"}
 
 
@@ -158,7 +159,7 @@ def reservation(body: dict[str, Any]) -> int:
     return tokens.count_request("/v1/chat/completions", body).tokens + body["max_tokens"]
 
 
-def spent(proxy: Proxy, unit: str = "tokens", period: str = "day", key: str = FP) -> int:
+def spent(proxy: Proxy, unit: str = "tokens", period: str = "day", key: str = SCOPE) -> int:
     stage = proxy.app[BUDGET]
     label, _ = period_of(stage.clock(), period)
     counters = stage.counters
@@ -285,7 +286,7 @@ async def test_usd_budget_and_per_key_overrides(
     assert status == 200
     records = await proxy.usage.wait(2)
     assert records[0]["key_alias"] == "ci-bot" and records[1]["key_alias"] is None
-    assert spent(proxy, "usd", key=fingerprint(other)) == round(records[1]["cost_usd"] * 1e9)
+    assert spent(proxy, "usd", key=scope_of(other)) == round(records[1]["cost_usd"] * 1e9)
     assert API_KEY not in proxy.usage.getvalue().decode()
 
 
@@ -310,8 +311,8 @@ async def test_two_instances_share_a_budget_through_redis(
     label, _ = period_of(time.time(), "day")
     client = redis.Redis.from_url(redis_url)
     try:
-        stored = int(await client.get(f"thriftgate:budget:{FP}:tokens:{label}"))
-        ttl = await client.pttl(f"thriftgate:budget:{FP}:tokens:{label}")
+        stored = int(await client.get(f"thriftgate:budget:{SCOPE}:tokens:{label}"))
+        ttl = await client.pttl(f"thriftgate:budget:{SCOPE}:tokens:{label}")
     finally:
         await client.aclose()
     assert 0 < ttl <= 2 * 86400 * 1000
@@ -333,6 +334,6 @@ async def test_redis_gone_means_local_accounting(
     counters = proxy.app[BUDGET].counters
     assert isinstance(counters, RedisCounters)
     label, _ = period_of(time.time(), "day")
-    assert counters.fallback.value(f"thriftgate:budget:{FP}:tokens:{label}") > 0
+    assert counters.fallback.value(f"thriftgate:budget:{SCOPE}:tokens:{label}") > 0
     async with aiohttp.ClientSession() as s, s.get(proxy.url + "/readyz") as r:
         assert (await r.json())["redis"]["status"] == "degraded"

@@ -104,7 +104,7 @@ async def test_health_and_readiness(proxy: Proxy) -> None:
             assert r.status == 200
             report = await r.json()
     assert report["status"] == "ready"
-    assert report["upstream"] == proxy.settings.upstream.url
+    assert [u["url"] for u in report["upstreams"]] == [proxy.settings.upstream.url]
     assert report["redis"] == {"configured": False, "status": "off"}
     assert report["cache"] == "memory"
 

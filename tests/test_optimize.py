@@ -7,13 +7,15 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 from conftest import API_KEY, MakeProxy, Proxy
 from fake_openai import FakeOpenAI
 
 from proxy import tokens
 from proxy.config import ModelInfo, OptimizeSettings
 from proxy.errors import InvalidRequest
-from proxy.optimize import dynamic_max_tokens, output_field, trim_history, trim_keep
+from proxy.inbound import read_headers
+from proxy.optimize import dynamic_max_tokens, keep_for, output_field, trim_history
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Cache-Control": "no-store"}
 
@@ -64,14 +66,20 @@ def test_trim_never_separates_tool_calls_from_their_results() -> None:
 def test_trim_header_and_config() -> None:
     off = OptimizeSettings()
     on = OptimizeSettings(trim=True, trim_keep=6)
-    assert trim_keep(None, off) is None
-    assert trim_keep(None, on) == 6
-    assert trim_keep("last-10", off) == 10
-    assert trim_keep("LAST-3", on) == 3
-    assert trim_keep("off", on) is None
-    for bad in ("last", "last-0", "first-10", "10", "last-x"):
-        with pytest.raises(InvalidRequest):
-            trim_keep(bad, off)
+
+    def keep(header: str | None, settings: OptimizeSettings) -> int | None:
+        given = CIMultiDictProxy(CIMultiDict({} if header is None else {"X-Thriftgate-Trim": header}))
+        return keep_for(read_headers(given), settings)
+
+    assert keep(None, off) is None
+    assert keep(None, on) == 6
+    assert keep("last-10", off) == 10
+    assert keep("LAST-3", on) == 3
+    assert keep("off", on) is None
+    for bad in ("last", "last-0", "first-10", "10", "last-x", "last-²"):
+        with pytest.raises(InvalidRequest) as info:
+            keep(bad, off)
+        assert info.value.param == "x-thriftgate-trim"
 
 
 def test_output_field_per_model() -> None:

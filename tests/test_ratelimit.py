@@ -11,12 +11,12 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as redis
-from conftest import API_KEY, MakeProxy, Proxy, RedisServer
+from conftest import API_KEY, MakeProxy, Proxy, RedisServer, scope_of
 from fake_openai import FakeOpenAI
 
 from proxy import tokens
 from proxy.app import RATELIMIT
-from proxy.context import fingerprint
+from proxy.keys import fingerprint
 from proxy.ratelimit import (
     Bucket,
     MemoryBuckets,
@@ -28,6 +28,7 @@ from proxy.ratelimit import (
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Cache-Control": "no-store"}
 FP = fingerprint(API_KEY)
+SCOPE = scope_of(API_KEY)
 
 
 def chat(text: str = "hello", **extra: Any) -> dict[str, Any]:
@@ -148,7 +149,7 @@ async def test_tpm_charged_by_estimate_and_settled_by_usage(
     stage, clock = frozen(proxy)
     body = chat("count me", max_tokens=100)
     estimate = tokens.count_request("/v1/chat/completions", body).tokens + 100
-    bucket = Bucket(f"thriftgate:rl:key:{FP}:tokens", "key", "tokens", 5000, 5000 / 60, 0)
+    bucket = Bucket(f"thriftgate:rl:key:{SCOPE}:tokens", "key", "tokens", 5000, 5000 / 60, 0)
     buckets = stage.buckets
     assert isinstance(buckets, MemoryBuckets)
     status, _, answer = await post(proxy, body)
@@ -219,7 +220,7 @@ async def test_queue_mode_serves_in_order(
     tasks = []
     for i in range(4):
         tasks.append(asyncio.create_task(post(proxy, chat(f"queued {i}"))))
-        await until(lambda n=i + 1: len(stage.queues.get(FP, ())) == n)
+        await until(lambda n=i + 1: len(stage.queues.get(SCOPE, ())) == n)
     gate.set()
     results = await asyncio.gather(*tasks)
     assert [status for status, _, _ in results] == [200] * 4
@@ -280,7 +281,7 @@ async def test_a_waiter_that_disconnects_leaves_and_is_not_charged(
     await until(lambda: not stage.queues)
     records = await proxy.usage.wait(2)
     assert (records[-1]["status"], records[-1]["error"]) == (499, "client_disconnected")
-    bucket = Bucket(f"thriftgate:rl:key:{FP}:requests", "key", "requests", 1, 1 / 60, 1)
+    bucket = Bucket(f"thriftgate:rl:key:{SCOPE}:requests", "key", "requests", 1, 1 / 60, 1)
     clock.now += 60
     buckets = stage.buckets
     assert isinstance(buckets, MemoryBuckets)
@@ -395,7 +396,7 @@ async def test_redis_settlements_ride_on_the_next_take(
     assert calls == 4 and not buckets.pending
     client = redis.Redis.from_url(redis_url)
     try:
-        level = float(await client.hget(f"thriftgate:rl:key:{FP}:tokens", "l"))
+        level = float(await client.hget(f"thriftgate:rl:key:{SCOPE}:tokens", "l"))
     finally:
         await client.aclose()
     assert level == pytest.approx(100000 - sum(actual), abs=5)  # (+ a few seconds of refill)

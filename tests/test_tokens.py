@@ -10,7 +10,7 @@ import pytest
 import tiktoken_ext.openai_public as public
 
 from proxy import tokens
-from proxy.context import fingerprint
+from proxy.keys import fingerprint
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "tiktoken"
 

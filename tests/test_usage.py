@@ -16,7 +16,7 @@ from fake_openai import FakeOpenAI, Fault
 from proxy import tokens
 from proxy.app import USAGE_LOG
 from proxy.config import ConfigError, load_settings
-from proxy.context import fingerprint, key_of
+from proxy.keys import bearer_token, fingerprint
 from proxy.usage import UsageRecorder, UsageStripper
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -25,10 +25,10 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "count 
 
 def test_fingerprint_is_12_hex_of_sha256() -> None:
     assert fingerprint(API_KEY) == hashlib.sha256(API_KEY.encode()).hexdigest()[:12]
-    assert key_of(f"Bearer {API_KEY}") == fingerprint(API_KEY)
-    assert key_of(f"bearer   {API_KEY}") == fingerprint(API_KEY)
-    assert key_of(None) is None
-    assert key_of("Bearer ") is None
+    assert bearer_token(f"Bearer {API_KEY}") == API_KEY.encode()
+    assert bearer_token(f"bearer   {API_KEY}") == API_KEY.encode()
+    assert bearer_token(None) is None
+    assert bearer_token("Bearer ") is None
 
 
 async def test_one_line_per_request_with_the_documented_fields(
