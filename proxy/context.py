@@ -109,7 +109,9 @@ class RequestContextStage(Stage):
         # request ids: a random per-process prefix and a counter (unique, and cheap to make)
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
-        self.in_flight: set[asyncio.Task[Any]] = set()  # /v1 requests being answered
+        # /v1 requests being answered (until their whole body was sent): shutdown waits for them
+        self.in_flight: set[asyncio.Task[Any]] = set()
+        self.stopping = False  # set when shutdown ends what is still running
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith("/v1/"):
@@ -129,8 +131,9 @@ class RequestContextStage(Stage):
         # so what is bound here never leaks into the next request: no need to clear first.
         structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
         task = asyncio.current_task()
-        if task is not None:
+        if task is not None and task not in self.in_flight:
             self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
         try:
             check_path(request.raw_path)
             ctx.control = read_headers(headers)  # every header's bytes checked here
@@ -148,14 +151,11 @@ class RequestContextStage(Stage):
             self._close(ctx, exc.status, f"http_{exc.status}")
             raise
         except asyncio.CancelledError:
-            self._close(ctx, 499, "client_disconnected")
+            self._close(ctx, 499, "shutdown" if self.stopping else "client_disconnected")
             raise
         except Exception:
             self._close(ctx, 500, "internal_error")
             raise
-        finally:
-            if task is not None:
-                self.in_flight.discard(task)
         ctx.status = resp.status
         if isinstance(resp, Reply):
             ctx.upstream_request_id = resp.headers.get("x-request-id")
@@ -214,7 +214,8 @@ class RequestContextStage(Stage):
         if ctx.stream and outcome.first_byte_at is not None:
             ctx.ttft_ms = ctx.elapsed_ms(outcome.first_byte_at)
         if outcome.error is not None:
-            ctx.error = outcome.error
+            stopped = self.stopping and outcome.error == "client_disconnected"
+            ctx.error = "shutdown" if stopped else outcome.error
         ctx.latency_ms = ctx.elapsed_ms(done)
         self._settle(ctx)
         self.usage_log.write(ctx)

@@ -22,6 +22,7 @@ from proxy.app import create_app
 from proxy.config import Settings, load_settings
 from proxy.keys import Keys
 from proxy.logs import configure_logging
+from proxy.server import ProxyRunner, runner_for
 
 API_KEY = "sk-test-0123456789abcdef"
 
@@ -108,8 +109,38 @@ async def upstream(fake: FakeOpenAI, aiohttp_server: Any) -> TestServer:
 MakeProxy = Callable[..., Awaitable[Proxy]]
 
 
+class ProxyTestServer(TestServer):
+    """A test server running the app as ``thriftgate serve`` does (``proxy.server``'s runner:
+    OpenAI-envelope refusals, the header deadline, handler cancellation)."""
+
+    def __init__(self, app: web.Application, settings: Settings) -> None:
+        super().__init__(app)
+        self.settings = settings
+
+    async def _make_runner(self, **kwargs: Any) -> ProxyRunner:
+        kwargs.pop("handler_cancellation", None)
+        return runner_for(self.app, self.settings, **kwargs)
+
+
 @pytest.fixture
-async def make_proxy(upstream: TestServer, aiohttp_server: Any) -> MakeProxy:
+async def proxy_server() -> AsyncIterator[
+    Callable[[web.Application, Settings], Awaitable[TestServer]]
+]:
+    servers: list[TestServer] = []
+
+    async def start(app: web.Application, settings: Settings) -> TestServer:
+        server = ProxyTestServer(app, settings)
+        await server.start_server()
+        servers.append(server)
+        return server
+
+    yield start
+    while servers:
+        await servers.pop().close()
+
+
+@pytest.fixture
+async def make_proxy(upstream: TestServer, proxy_server: Any) -> MakeProxy:
     async def make(
         env: dict[str, str] | None = None,
         retry_sleep: Callable[[float], Awaitable[None]] | None = None,
@@ -129,7 +160,7 @@ async def make_proxy(upstream: TestServer, aiohttp_server: Any) -> MakeProxy:
         app = create_app(
             settings, usage_stream=sink, retry_sleep=sleep, ratelimit_sleep=ratelimit_sleep
         )
-        server = await aiohttp_server(app)  # cancels handlers on disconnect, as `serve` does
+        server = await proxy_server(app, settings)
         return Proxy(server, app, settings, sink, waits)
 
     return make

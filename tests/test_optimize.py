@@ -68,7 +68,9 @@ def test_trim_header_and_config() -> None:
     on = OptimizeSettings(trim=True, trim_keep=6)
 
     def keep(header: str | None, settings: OptimizeSettings) -> int | None:
-        given = CIMultiDictProxy(CIMultiDict({} if header is None else {"X-Thriftgate-Trim": header}))
+        given = CIMultiDictProxy(
+            CIMultiDict({} if header is None else {"X-Thriftgate-Trim": header})
+        )
         return keep_for(read_headers(given), settings)
 
     assert keep(None, off) is None

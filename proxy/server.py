@@ -1,0 +1,235 @@
+"""Running the app: aiohttp's runner with thriftgate's own connection handler, an honest start and
+a shutdown that keeps to ``shutdown_grace_s``.
+
+- **Connection handler** (``ProxyRequestHandler``): aiohttp's own refusals of what it cannot parse
+  (bad framing, a header too long, an unknown method) answer in OpenAI's error envelope, never as
+  plain text or a traceback; a request whose headers have not arrived whole within
+  ``header_timeout_s`` is answered 408 and its connection closed (slow-header clients cannot hold
+  connections open for ever).
+- **Start** (``serve``): the open-file soft limit raised to the hard limit; the tiktoken encodings
+  loaded and Redis probed (``on_startup``) before the port is bound; ``listening`` logged after the
+  bind, with every upstream's redacted URL; a port in use is one line and exit status 2; a SIGTERM
+  at any moment is a clean stop.
+- **Stop**: on SIGTERM/SIGINT new connections are refused and idle ones closed at once; requests
+  in flight (streams included) run until the grace ends, then are ended and settled with what they
+  delivered; usage lines and settlements are flushed; the process exits 0 within the grace plus
+  ``STOP_MARGIN_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import signal
+import sys
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from proxy import __version__
+from proxy.config import Settings, redact_url
+from proxy.errors import envelope
+from proxy.inbound import safe_text
+
+log = structlog.get_logger("thriftgate")
+
+STOP_MARGIN_S = 1.0  # past the grace: ending the requests still running and flushing what they left
+
+
+def _error_bytes(status: int, reason: str, message: str, code: str) -> tuple[bytes, bytes]:
+    type_ = "invalid_request_error" if status < 500 else "server_error"
+    body = orjson.dumps(envelope(message, type_, code))
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nx-thriftgate-error: {code}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode(), body
+
+
+class ProxyRequestHandler(RequestHandler):
+    """aiohttp's connection handler with OpenAI-envelope refusals and a header deadline."""
+
+    header_timeout_s = 10.0
+
+    def __init__(self, *args: Any, header_timeout_s: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if (
+            self._header_timer is None
+            and not self._request_in_progress
+            and not self._messages
+            and not self._force_close
+        ):
+            # the first bytes of a request: its headers have header_timeout_s to arrive whole
+            self._header_timer = self._loop.call_later(self.header_timeout_s, self._headers_late)
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count != before and self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self._request_in_progress or self._messages or self.transport is None:
+            return
+        head, body = _error_bytes(
+            408,
+            "Request Timeout",
+            f"The request headers did not arrive within {self.header_timeout_s:g} s",
+            "request_timeout",
+        )
+        with contextlib.suppress(Exception):
+            self.transport.write(head + body)
+        self.force_close()
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's own refusals, in OpenAI's envelope (no traceback, no HTML)."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("Response is sent already, cannot send another response")
+        if status >= 500:
+            text = "thriftgate could not handle this request; see its logs"
+            code = "internal_error" if status == 500 else f"http_{status}"
+            log.error("connection_error", status=status, error=type(exc).__name__ if exc else None)
+        else:
+            reason = safe_text(message or (getattr(exc, "message", None) or "") or "")
+            reason = " ".join(str(reason).split())[:200]
+            text = "thriftgate could not read this HTTP request" + (f": {reason}" if reason else "")
+            code = "bad_http_request" if status == 400 else f"http_{status}"
+            log.info("bad_http_request", status=status, error=type(exc).__name__ if exc else None)
+        type_ = "invalid_request_error" if status < 500 else "server_error"
+        resp = web.Response(
+            status=status,
+            body=orjson.dumps(envelope(text, type_, code)),
+            content_type="application/json",
+            headers={"x-thriftgate-error": code},
+        )
+        resp.force_close()
+        return resp
+
+
+class ProxyServer(web.Server):
+    """aiohttp's server making ``ProxyRequestHandler`` connections."""
+
+    __slots__ = ()
+
+    def __call__(self) -> RequestHandler:
+        return ProxyRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProxyRunner(web.AppRunner):
+    """aiohttp's app runner whose server makes ``ProxyRequestHandler`` connections."""
+
+    __slots__ = ()
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = ProxyServer  # the same object, making thriftgate's handlers
+        return server
+
+
+def runner_for(app: web.Application, settings: Settings, **kwargs: Any) -> ProxyRunner:
+    return ProxyRunner(
+        app,
+        handler_cancellation=True,  # a client that goes away cancels its request
+        access_log=None,
+        header_timeout_s=settings.server.header_timeout_s,
+        shutdown_timeout=STOP_MARGIN_S,
+        **kwargs,
+    )
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the open-file soft limit to the hard limit (each connection needs a descriptor)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft, hard
+
+
+async def serve(
+    app: web.Application, settings: Settings, *, reuse_port: bool = False, ready: Any = None
+) -> int:
+    """Run ``app`` until SIGTERM/SIGINT; the exit status (0, or 2 when the port is taken)."""
+    from proxy.app import CACHE, CONTEXT, STATE
+    from proxy.store import REDIS
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    open_files, _ = raise_open_file_limit()
+    runner = runner_for(app, settings)
+    await runner.setup()  # on_startup: encodings loaded, Redis probed
+    server = settings.server
+    site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port or None)
+    if stop.is_set():  # stopped while starting: nothing was bound
+        await runner.cleanup()
+        return 0
+    try:
+        await site.start()
+    except OSError as exc:
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        print(f"thriftgate: cannot listen on {server.host}:{server.port}: {why}", file=sys.stderr)
+        await runner.cleanup()
+        return 2
+    guard = app[REDIS]
+    backend = app[CACHE].backend
+    addresses = runner.addresses
+    port = addresses[0][1] if addresses else server.port
+    log.info(
+        "listening",
+        version=__version__,
+        host=server.host,
+        port=port,
+        upstreams=[redact_url(t.url) for t in settings.targets()],
+        redis=guard.status()["status"] if guard is not None else "off",
+        cache=backend.name if backend is not None else "off",
+        config_file=settings.config_file,
+        open_files=open_files,
+        shutdown_grace_s=server.shutdown_grace_s,
+    )
+    if ready is not None:
+        ready(port)
+    await stop.wait()
+
+    grace = server.shutdown_grace_s
+    in_flight = app[CONTEXT].in_flight
+    log.info("stopping", requests_in_flight=len(in_flight), grace_s=grace)
+    app[STATE].shutting_down = True
+    await site.stop()  # no new connections
+    if runner.server is not None:
+        runner.server.pre_shutdown()  # idle keep-alive connections closed now
+    if in_flight:
+        _, running = await asyncio.wait(set(in_flight), timeout=grace)
+        if running:  # the grace is over: end them (each is settled with what it delivered)
+            app[CONTEXT].stopping = True
+            for task in running:
+                task.cancel()
+            await asyncio.wait(running, timeout=STOP_MARGIN_S / 2)
+    await runner.cleanup()  # drains (Redis settlements), then the usage log is flushed
+    log.info("stopped")
+    return 0
