@@ -221,6 +221,8 @@ class RedisCounters:
 
     def _keep(self, charges: Sequence[Charge]) -> None:
         for c in charges:
+            if len(self.unsent) >= MAX_LOCAL_COUNTERS and c.counter not in self.unsent:
+                continue  # a very long outage: beyond this many counters, settlements are lost
             before = self.unsent.get(c.counter)
             amount = c.amount + (before.amount if before is not None else 0)
             self.unsent[c.counter] = Charge(c.counter, 0, amount, c.expires_at)

@@ -20,6 +20,44 @@ CACHE_EVENTS = ("hit", "miss", "bypass", "store", "eviction", "coalesced")
 # seconds; the upper bounds of the latency and time-to-first-token histograms
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 MAX_MODELS = 200  # distinct model labels kept; the rest are counted as "other"
+# endpoint labels: these paths as they are, other paths under these families as "<family>/*",
+# anything else "other" (clients choose paths: a label per path would grow without bound)
+ENDPOINTS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/models",
+        "/v1/moderations",
+        "/v1/files",
+        "/v1/uploads",
+        "/v1/batches",
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/images/variations",
+        "/v1/audio/speech",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+        "/v1/fine_tuning/jobs",
+        "/v1/vector_stores",
+        "/v1/assistants",
+        "/v1/threads",
+        "/v1/realtime/sessions",
+        "/v1/conversations",
+    }
+)
+FAMILIES = frozenset(p.split("/")[2] for p in ENDPOINTS)
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded label for a request path: a known endpoint, ``/v1/<family>/*``, or ``other``."""
+    if path in ENDPOINTS:
+        return path
+    parts = path.split("/", 3)
+    if len(parts) > 2 and parts[1] == "v1" and parts[2] in FAMILIES:
+        return f"/v1/{parts[2]}/*"
+    return "other"
 TOKEN_KINDS = ("prompt", "cached", "completion", "reasoning")
 
 
@@ -85,7 +123,7 @@ class Metrics:
     def observe_request(self, record: dict[str, Any]) -> None:
         """Count one usage-log record (endpoint, model, status, cache, tokens, cost, timings)."""
         model = self.model_label(record.get("model"))
-        endpoint = str(record.get("endpoint"))
+        endpoint = endpoint_label(str(record.get("endpoint")))
         key = (endpoint, model, str(record.get("status")), record.get("cache") or "")
         self.requests[key] = self.requests.get(key, 0) + 1
         for kind in TOKEN_KINDS:

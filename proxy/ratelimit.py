@@ -127,15 +127,24 @@ class Buckets(Protocol):
         ...
 
 
+MAX_BUCKETS = 100_000  # in-process buckets kept at most (about 15 MB)
+MAX_HOLDS = 10_000  # adaptive holds kept at most
+
+
 class MemoryBuckets:
-    """Exact token buckets on the event loop (one coroutine at a time: no lock needed)."""
+    """Exact token buckets on the event loop (one coroutine at a time: no lock needed), at most
+    ``max_buckets`` of them: buckets that have refilled are forgotten first (they start full
+    anyway), then the ones untouched the longest."""
 
     name = "memory"
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, max_buckets: int = MAX_BUCKETS
+    ) -> None:
         self.clock = clock
+        self.max_buckets = max_buckets
         self.state: dict[str, list[float]] = {}  # name -> [level, updated_at]
-        self._sweep_at = 4096
+        self._sweep_at = min(4096, max_buckets)
 
     def level(self, bucket: Bucket, now: float) -> float:
         entry = self.state.get(bucket.name)
@@ -179,9 +188,14 @@ class MemoryBuckets:
         return Verdict(True, 0.0, tuple(levels))
 
     def _sweep(self, now: float) -> None:
-        """Forget buckets that have refilled (they start full anyway)."""
-        self.state = {k: v for k, v in self.state.items() if now - v[1] < 120}
-        self._sweep_at = max(4096, 2 * len(self.state))
+        """Forget buckets that have refilled (they start full anyway); past the bound, the half
+        untouched the longest."""
+        state = {k: v for k, v in self.state.items() if now - v[1] < 120}
+        if len(state) > self.max_buckets // 2:
+            newest = sorted(state.items(), key=lambda kv: kv[1][1])[-(self.max_buckets // 2) :]
+            state = dict(newest)
+        self.state = state
+        self._sweep_at = min(max(4096, 2 * len(state)), self.max_buckets)
 
 
 # KEYS: buckets. ARGV[1]: 1 to charge regardless; then capacity, rate per ms, cost and a
@@ -588,7 +602,12 @@ class RateLimitStage(Stage):
         if hold > 0:
             self._count("upstream_hold")
             scope = self._scope(ctx)
-            self.held_until[scope] = max(self.held_until.get(scope, 0.0), self.now() + hold)
+            now = self.now()
+            if len(self.held_until) >= MAX_HOLDS and scope not in self.held_until:
+                self.held_until = {k: v for k, v in self.held_until.items() if v > now}
+                while len(self.held_until) >= MAX_HOLDS:  # the ones ending soonest go first
+                    del self.held_until[min(self.held_until, key=self.held_until.__getitem__)]
+            self.held_until[scope] = max(self.held_until.get(scope, 0.0), now + hold)
 
 
 def _unreadable(ctx: RequestContext) -> InvalidRequest:

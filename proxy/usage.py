@@ -122,7 +122,15 @@ class UsageRecorder:
                 event = orjson.loads(line[5:])
             except orjson.JSONDecodeError:
                 continue  # [DONE], or not JSON
-            choices = event.get("choices") if isinstance(event, dict) else None
+            if not isinstance(event, dict):
+                continue
+            if isinstance(event.get("type"), str) and event["type"].endswith(".delta"):
+                delta = event.get("delta")  # Responses API: output_text, refusal, arguments
+                if isinstance(delta, str) and delta:
+                    self.text.append(delta)  # type: ignore[union-attr]
+                    self.text_chars += len(delta)
+                continue
+            choices = event.get("choices")
             for choice in choices if isinstance(choices, list) else ():
                 if not isinstance(choice, dict):
                     continue
@@ -240,17 +248,20 @@ def spent(ctx: RequestContext) -> dict[str, Any] | None:
 
 
 def estimated_usage(ctx: RequestContext, text: str | None) -> dict[str, Any] | None:
-    """Usage for a stream that carried none: the prompt counted before the call and the streamed
-    text counted with the model's encoding (``tokens_source: estimated``)."""
-    if text is None or ctx.prompt_estimate is None:
+    """Usage for a stream that carried none (the client did not ask for it, or the stream ended
+    before it came: client gone, upstream cut, shutdown): the prompt counted before the call and
+    the text actually streamed, counted with the model's encoding (``tokens_source:
+    estimated``)."""
+    if text is None and ctx.prompt_estimate is None:
         return None
     name, _ = tokens.encoding_name_for(ctx.model)
-    completion = len(tokens.encoding(name).encode_ordinary(text))
+    completion = len(tokens.encoding(name).encode_ordinary(text)) if text else 0
+    prompt = ctx.prompt_estimate or 0
     ctx.tokens_source = "estimated"
     return {
-        "prompt_tokens": ctx.prompt_estimate,
+        "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": ctx.prompt_estimate + completion,
+        "total_tokens": prompt + completion,
     }
 
 
@@ -405,24 +416,24 @@ class UsageLog:
 
     def watch(self, ctx: RequestContext, reply: Reply, delivered: DoneCallback) -> None:
         """Read the usage from ``reply``'s body as it passes; call ``delivered`` when it ended."""
-        options = ctx.body.get("stream_options") if ctx.body else None
-        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        # a stream's text is kept (as text, bounded) whether or not a usage chunk is expected:
+        # a stream that ends before its usage chunk is charged what it delivered
         recorder = UsageRecorder(
             reply.headers.get("Content-Type"),
             reply.headers.get("Content-Encoding"),
-            collect_text=ctx.stream and not wants_usage and reply.status < 300,
+            collect_text=reply.status < 300,
         )
         if (recorder.sse or recorder.json) and not reply.whole:
             reply.observers.append(recorder.feed)  # a streamed body is read as it passes
 
         def done(outcome: Outcome) -> None:
-            if outcome.error is None and ctx.usage is None:
+            if ctx.usage is None and reply.status < 300:
                 if reply.whole and reply.body_bytes and (recorder.sse or recorder.json):
                     recorder.feed(reply.body_bytes)
                 ctx.usage = recorder.usage()
                 if ctx.model is None and ctx.usage is not None:
                     ctx.model = recorder.model  # endpoints the proxy does not parse (Responses)
-                if ctx.usage is None:
+                if ctx.usage is None and recorder.sse:
                     ctx.usage = estimated_usage(ctx, recorder.streamed_text())
             delivered(outcome)
 
