@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from fake_openai import FakeOpenAI
+from yarl import URL
 
 from proxy.app import create_app
 from proxy.config import Settings, load_settings
@@ -245,3 +246,35 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 
 async def collect(stream: AsyncIterator[bytes]) -> bytes:
     return b"".join([chunk async for chunk in stream])
+
+
+async def raw_http(url: str, raw: bytes, within: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Send ``raw`` bytes as they are (bytes no HTTP client would send) to ``url``'s host and
+    port; the answer's status, headers (lower-case names) and body, read until the proxy closes
+    or the body is complete."""
+    parsed = URL(url)
+    reader, writer = await asyncio.open_connection(parsed.host, parsed.port)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        async with asyncio.timeout(within):
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ")[1])
+            headers = {
+                k.strip().lower(): v.strip()
+                for k, _, v in (line.partition(":") for line in lines[1:] if line)
+            }
+            if "content-length" in headers:
+                body = await reader.readexactly(int(headers["content-length"]))
+            elif headers.get("transfer-encoding") == "chunked":
+                parts = []
+                while size := int((await reader.readline()).strip(), 16):
+                    parts.append(await reader.readexactly(size))
+                    await reader.readline()
+                body = b"".join(parts)
+            else:
+                body = await reader.read()
+    finally:
+        writer.close()
+    return status, headers, body

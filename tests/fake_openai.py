@@ -169,11 +169,14 @@ class FakeOpenAI:
         return sum(1 for r in self.requests if path is None or r.path.split("?")[0] == path)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=1024**3)
+        # request bodies recorded as they arrived (a gzip body stays gzip); handlers read them
+        # decoded, as OpenAI's front end would
+        app = web.Application(client_max_size=1024**3, handler_args={"auto_decompress": False})
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/images/generations", self.images)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model}", self.model)
         app.router.add_delete("/v1/models/{model}", self.delete_model)
@@ -200,6 +203,14 @@ class FakeOpenAI:
         self.requests.append(
             Recorded(request.method, request.raw_path, CIMultiDict(request.headers), body)
         )
+        encoding = request.headers.get("Content-Encoding", "").lower()
+        if body and encoding:
+            try:
+                request._read_bytes = gzip.decompress(body) if encoding == "gzip" else None
+            except (OSError, EOFError):
+                request._read_bytes = None
+            if request._read_bytes is None:
+                return self._bad(f"Unsupported or corrupt Content-Encoding: {encoding}")
         fault = self.faults.popleft() if self.faults else None
         request[FAULT] = fault
         if fault is not None:
@@ -379,6 +390,25 @@ class FakeOpenAI:
         }
         return self._json(request, payload)
 
+    async def images(self, request: web.Request) -> web.Response:
+        """gpt-image-1: one base64 image, and token usage as the Images API reports it."""
+        req = orjson.loads(await request.read())
+        prompt = str(req.get("prompt", ""))
+        text_tokens = max(1, len(prompt) // 4)
+        return self._json(
+            request,
+            {
+                "created": int(time.time()),
+                "data": [{"b64_json": base64.b64encode(b"\x89PNG fake").decode()}],
+                "usage": {
+                    "input_tokens": text_tokens,
+                    "input_tokens_details": {"image_tokens": 0, "text_tokens": text_tokens},
+                    "output_tokens": 1056,
+                    "total_tokens": text_tokens + 1056,
+                },
+            },
+        )
+
     async def _stream(
         self,
         request: web.Request,
@@ -503,6 +533,9 @@ class FakeOpenAI:
         return self._json(request, {"id": name, "object": "model", "deleted": True})
 
     async def upload(self, request: web.Request) -> web.Response:
+        if request.headers.get("Content-Encoding"):  # kept as received, then refused
+            self.requests[-1].body = await request.read()
+            return self._bad("Uploads must not be compressed.")
         reader = await request.multipart()
         purpose = None
         content = b""

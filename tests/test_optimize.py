@@ -7,9 +7,9 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
 from conftest import API_KEY, MakeProxy, Proxy
 from fake_openai import FakeOpenAI
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import tokens
 from proxy.config import ModelInfo, OptimizeSettings
