@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from proxy.config import KeyPolicy, Settings
 
 ANONYMOUS = "-"
+FINGERPRINT_HEX = 12  # the display fingerprint's length
 _KEY_SHAPE = re.compile(rb"^[A-Za-z0-9_\-.:+/=~]{8,512}$")
 
 
 def fingerprint(secret: str) -> str:
     """A short, stable, non-reversible name for an API key: 12 hex digits of its SHA-256."""
-    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()[:FINGERPRINT_HEX]
 
 
 def bearer_token(authorization: str | None) -> bytes | None:
@@ -62,7 +63,8 @@ def identify(authorization: str | None, secret: bytes) -> Identity:
         return NOBODY
     digest = hashlib.sha256(token).hexdigest()
     scope = hmac.new(secret, token, hashlib.sha256).hexdigest()
-    return Identity(digest[:12], digest, scope, scope if looks_like_key(token) else ANONYMOUS)
+    shown = digest[:FINGERPRINT_HEX]
+    return Identity(shown, digest, scope, scope if looks_like_key(token) else ANONYMOUS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,11 +9,14 @@ the one that left it first is tried anyway.
 
 from __future__ import annotations
 
+import base64
 import random
 import time
 from collections.abc import Callable, Collection
 
 import structlog
+
+from yarl import URL
 
 from proxy.config import UpstreamSettings, UpstreamTarget, redact_url
 from proxy.metrics import Metrics
@@ -31,7 +34,15 @@ class Target:
     ) -> None:
         self.name = target.name
         self.url = target.url
-        self.base = target.url.rstrip("/")
+        # the configured URL's parts: where requests go, the query it adds to each one
+        # (Azure-style ?api-version=&api-key=), and HTTP Basic credentials from its user-info
+        parsed = URL(target.url)
+        self.base = str(parsed.with_user(None).with_query(None).with_fragment(None)).rstrip("/")
+        self.base_query = parsed.raw_query_string
+        self.basic_auth: str | None = None
+        if parsed.user is not None or parsed.password is not None:
+            pair = f"{parsed.user or ''}:{parsed.password or ''}".encode()
+            self.basic_auth = "Basic " + base64.b64encode(pair).decode("ascii")
         self.api_key = target.api_key or settings.api_key
         self.weight = target.weight
         self.threshold = settings.breaker_failures

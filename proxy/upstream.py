@@ -291,10 +291,14 @@ class Upstream:
         )
 
     @staticmethod
-    def url(request: web.BaseRequest, base: str) -> URL:
-        """``/v1/<rest>?<query>`` → ``<base>/<rest>?<query>``, raw bytes preserved."""
+    def url(request: web.BaseRequest, base: str, base_query: str = "") -> URL:
+        """``/v1/<rest>?<query>`` → ``<base>/<rest>?<base query>&<query>``, raw bytes
+        preserved (the path was checked: it cannot leave ``base``)."""
         raw = request.raw_path
         rest = raw[3:] if raw.startswith("/v1") else raw
+        if base_query:
+            path, sep, query = rest.partition("?")
+            rest = f"{path}?{base_query}&{query}" if sep and query else f"{path}?{base_query}"
         return URL(base + rest, encoded=True)
 
     @staticmethod
@@ -345,7 +349,9 @@ class Upstream:
         headers = self.request_headers(
             request, target.api_key, fixed_body=body is not None, rewritten=rewritten
         )
-        url = self.url(request, target.base)
+        if target.basic_auth is not None and "Authorization" not in headers:
+            headers["Authorization"] = target.basic_auth  # the URL's user-info, when nothing else
+        url = self.url(request, target.base, target.base_query)
         # time to first byte: one timer that cancels this task (lighter than asyncio.timeout)
         task = asyncio.current_task()
         assert task is not None

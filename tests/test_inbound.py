@@ -243,7 +243,7 @@ async def test_control_headers_are_never_forwarded_known_or_not(
 async def test_the_largest_ttl_is_accepted_and_stored(proxy: Proxy, fake: FakeOpenAI) -> None:
     headers = {**AUTH, "x-thriftgate-cache-ttl": "2592000"}
     assert (await send(proxy, CHAT_BODY, headers))[0] == 200
-    status, resp_headers, _ = await send(proxy, CHAT_BODY)
+    _, resp_headers, _ = await send(proxy, CHAT_BODY)
     assert resp_headers["x-thriftgate-cache"] == "HIT"
 
 
