@@ -58,6 +58,8 @@ def endpoint_label(path: str) -> str:
     if len(parts) > 2 and parts[1] == "v1" and parts[2] in FAMILIES:
         return f"/v1/{parts[2]}/*"
     return "other"
+
+
 TOKEN_KINDS = ("prompt", "cached", "completion", "reasoning")
 
 

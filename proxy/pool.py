@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Collection
 
 import structlog
-
 from yarl import URL
 
 from proxy.config import UpstreamSettings, UpstreamTarget, redact_url

@@ -419,7 +419,8 @@ def test_ordinary_paths_pass() -> None:
         b"GARBAGE\r\n\r\n",
         b"GET /v1/models HTTP/1.1\r\nHost: p\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Length: x\r\n\r\n",
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"zz\r\n",
         b"GET /v1/models HTTP/1.1\r\nBad Header\r\n\r\n",
     ],
 )

@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from conftest import API_KEY, LogSink, MakeProxy, RedisServer
-from fake_openai import Fault, FakeOpenAI
+from fake_openai import FakeOpenAI, Fault
 
 from proxy import keys
 from proxy.config import redact_url
@@ -121,7 +121,7 @@ async def test_no_configured_secret_appears_in_any_log_header_metric_or_redis(
     finally:
         await client.aclose()
     assert any(b"thriftgate:budget:" in k for k in stored)  # Redis was really used
-    assert any(b"thriftgate:usage" == k for k in stored)
+    assert any(k == b"thriftgate:usage" for k in stored)
     upstream_auth = {r.headers.get("Authorization") for r in fake.requests}
     assert upstream_auth == {f"Bearer {SECRETS['upstream key']}"}  # the sidecar's key went...
     assert all(f"api-key={SECRETS['url query key']}" in r.path for r in fake.requests)
