@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -96,8 +97,9 @@ MAX_LOCAL_COUNTERS = 200_000  # in-process counters kept at most (about 30 MB)
 
 class MemoryCounters:
     """Counters in a dict bounded to ``max_counters``: past it, the periods that are over go
-    first, then counters at zero (keys that spent nothing, such as refused ones); counters that
-    hold spend are never dropped before their period ends."""
+    first, then counters at zero (keys that spent nothing, such as refused ones), and only then
+    the counters charged least recently (a process that sees more keys than that forgets the
+    quietest ones' spend: use Redis for budgets over that many keys)."""
 
     name = "memory"
 
@@ -128,17 +130,26 @@ class MemoryCounters:
 
     def add(self, charges: Sequence[Charge]) -> None:
         now = self.clock()
+        values = self.values
         for charge in charges:
-            entry = self.values.get(charge.counter)
+            entry = values.pop(charge.counter, None)  # re-inserted last: least recent first
             if entry is None or entry[1] <= now:
-                self.values[charge.counter] = [charge.amount, charge.expires_at]
+                values[charge.counter] = [charge.amount, charge.expires_at]
             else:
                 entry[0] += charge.amount
-        if len(self.values) > self._sweep_at:  # forget the periods that are over
-            self.values = {k: v for k, v in self.values.items() if v[1] > now}
-            if len(self.values) > self.max_counters // 2:  # then the counters at zero
-                self.values = {k: v for k, v in self.values.items() if v[0] > 0}
-            self._sweep_at = min(max(1024, 2 * len(self.values)), self.max_counters)
+                values[charge.counter] = entry
+        if len(values) > self._sweep_at:
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        half = self.max_counters // 2
+        values = {k: v for k, v in self.values.items() if v[1] > now}  # periods that are over
+        if len(values) > half:  # then the counters at zero
+            values = {k: v for k, v in values.items() if v[0] > 0}
+        if len(values) > half:  # then the least recently charged
+            values = dict(itertools.islice(values.items(), len(values) - half, None))
+        self.values = values
+        self._sweep_at = min(max(1024, 2 * len(values)), self.max_counters)
 
     async def drain(self) -> None:
         return None
@@ -233,7 +244,8 @@ class RedisCounters:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self.unsent:
             charges, self.unsent = list(self.unsent.values()), {}
-            await self.guard.call("budget", lambda c: self._run(c, charges), None)
+            if await self.guard.call("budget", lambda c: self._run(c, charges), None) is None:
+                self._keep(charges)  # still unreachable: kept for the next chance
 
 
 # -- periods -------------------------------------------------------------------------------------

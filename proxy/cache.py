@@ -40,6 +40,7 @@ log = structlog.get_logger("thriftgate.cache")
 
 CACHE_HEADER = "x-thriftgate-cache"
 _MAGIC = b"TGC1"
+MAX_TTL_S = 10 * 365 * 86400  # what reaches Redis as an expiry, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +216,7 @@ class RedisBackend:
 
     async def _set(self, key: str, entry: Entry, ttl_s: float) -> None:
         data = entry.encode(self.compress_min)
-        ttl_ms = max(1, int(ttl_s * 1000))
+        ttl_ms = max(1, int(min(ttl_s, MAX_TTL_S) * 1000))
         name = self.prefix + key
         await self.guard.call("cache_set", lambda r: r.set(name, data, px=ttl_ms), None)
 

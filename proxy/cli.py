@@ -273,6 +273,9 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _run(settings: Settings, *, reuse_port: bool) -> int:
+    from proxy.server import catch_stop_signals
+
+    noted = catch_stop_signals()  # a SIGTERM from here on is a clean stop
     from proxy.app import create_app
     from proxy.server import serve
 
@@ -289,7 +292,10 @@ def _run(settings: Settings, *, reuse_port: bool) -> int:
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
     try:
-        return loop.run_until_complete(serve(create_app(settings), settings, reuse_port=reuse_port))
+        app = create_app(settings)
+        return loop.run_until_complete(
+            serve(app, settings, reuse_port=reuse_port, stop_noted=noted)
+        )
     finally:
         loop.close()
 

@@ -169,10 +169,24 @@ def raise_open_file_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def catch_stop_signals() -> list[int]:
+    """From now until ``serve`` takes over: SIGTERM/SIGINT are noted, not fatal (a stop asked for
+    during start-up is a clean stop, exit status 0)."""
+    noted: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: noted.append(signum))
+    return noted
+
+
 async def serve(
-    app: web.Application, settings: Settings, *, reuse_port: bool = False, ready: Any = None
+    app: web.Application,
+    settings: Settings,
+    *,
+    reuse_port: bool = False,
+    stop_noted: list[int] | None = None,
 ) -> int:
-    """Run ``app`` until SIGTERM/SIGINT; the exit status (0, or 2 when the port is taken)."""
+    """Run ``app`` until SIGTERM/SIGINT; the exit status (0, or 2 when the port is taken).
+    ``stop_noted``: signals ``catch_stop_signals`` noted before this started."""
     from proxy.app import CACHE, CONTEXT, STATE
     from proxy.store import REDIS
 
@@ -181,6 +195,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    if stop_noted:
+        stop.set()
     open_files, _ = raise_open_file_limit()
     runner = runner_for(app, settings)
     await runner.setup()  # on_startup: encodings loaded, Redis probed
@@ -212,8 +228,6 @@ async def serve(
         open_files=open_files,
         shutdown_grace_s=server.shutdown_grace_s,
     )
-    if ready is not None:
-        ready(port)
     await stop.wait()
 
     grace = server.shutdown_grace_s

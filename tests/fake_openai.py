@@ -143,7 +143,8 @@ class FakeOpenAI:
         self.requests: list[Recorded] = []
         self.sent: list[Sent] = []  # every answer, as the fake wrote it
         self.faults: deque[Fault] = deque()
-        self.gate: asyncio.Event | None = None  # streams wait on it after their first chunk
+        self.gate: asyncio.Event | None = None  # streams wait on it after their first chunk...
+        self.gate_after = 1  # ...or after this many
         self.hold: asyncio.Event | None = None  # JSON chat answers wait on it before answering
         self.held = asyncio.Event()  # set once an answer waits on ``hold``
         self.limit_headers: dict[str, str] = {}  # overrides of the x-ratelimit-* headers sent
@@ -464,8 +465,8 @@ class FakeOpenAI:
                 await resp.write(data)
                 if n == 0:
                     self.first_chunk_sent.set()
-                    if self.gate is not None:
-                        await self.gate.wait()
+                if n == self.gate_after - 1 and self.gate is not None:
+                    await self.gate.wait()
             if compressor is not None:
                 await resp.write(compressor.send(None))
             await resp.write_eof()
