@@ -191,7 +191,7 @@ class RequestContextStage(Stage):
         try:
             body = orjson.loads(text)
         except orjson.JSONDecodeError as exc:
-            if str(exc).startswith("depth limit"):  # valid JSON, nested deeper than we read
+            if "depth" in str(exc) or "recursion" in str(exc).lower():  # nested past our reach
                 ctx.unreadable = "body"
                 return
             raise InvalidRequest(BAD_JSON, code="invalid_json") from None

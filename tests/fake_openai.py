@@ -241,7 +241,12 @@ class FakeOpenAI:
             if self.slow is not None:
                 await asyncio.sleep(0)  # let the other requests of a burst arrive
                 await self.slow.wait()
-            return await handler(request)
+            try:
+                return await handler(request)
+            except (web.HTTPException, asyncio.CancelledError, ConnectionError):
+                raise
+            except Exception:  # a body of the wrong shape: OpenAI answers 400, in its envelope
+                return self._bad("Invalid request: the body is not of the expected shape.")
         finally:
             self.in_flight -= 1
 

@@ -154,3 +154,23 @@ def test_key_tables(tmp_path: Path) -> None:
         cfg.write_text(text)
         with pytest.raises(ConfigError, match=message):
             load_settings(env={}, config_file=str(cfg))
+
+
+def test_the_floors_ci_installs_are_the_floors_pyproject_allows() -> None:
+    """.ci/run tests the lowest versions allowed; they must be the ones pyproject.toml names."""
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    floors = {}
+    for spec in project["dependencies"]:
+        match = re.match(r"^([A-Za-z0-9_.-]+)>=([0-9.]+)", spec)
+        assert match, spec
+        floors[match.group(1).lower()] = match.group(2)
+    pinned = {}
+    for line in (root / ".ci" / "floors.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pinned[name.strip().lower()] = version.strip()
+    assert pinned == floors

@@ -111,7 +111,7 @@ async def test_json_deeper_than_the_parser_reads_is_forwarded(
     status, headers, _ = await send(proxy, raw)
     assert headers["x-thriftgate-cache"] == "BYPASS"
     assert fake.requests[-1].body == raw
-    assert status == 400  # the fake (like OpenAI) refuses an empty messages list itself
+    assert "x-thriftgate-error" not in headers  # whatever it is, the upstream's answer
 
 
 @pytest.mark.parametrize(("body", "field"), WRONG_TYPES[:8])
