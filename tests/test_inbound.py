@@ -108,7 +108,7 @@ async def test_json_deeper_than_the_parser_reads_is_forwarded(
     proxy: Proxy, fake: FakeOpenAI
 ) -> None:
     raw = b'{"model": "gpt-4o", "messages": [], "x": ' + b"[" * 1100 + b"]" * 1100 + b"}"
-    status, headers, _ = await send(proxy, raw)
+    _, headers, _ = await send(proxy, raw)
     assert headers["x-thriftgate-cache"] == "BYPASS"
     assert fake.requests[-1].body == raw
     assert "x-thriftgate-error" not in headers  # whatever it is, the upstream's answer
