@@ -42,8 +42,8 @@ from redis.asyncio import Redis
 
 from proxy.alerts import Alerts
 from proxy.config import BudgetSettings
-from proxy.context import RequestContext, context_of
-from proxy.errors import ContextLengthExceeded, InvalidRequest, QuotaExceeded, ServiceUnavailable
+from proxy.context import RequestContext, context_of, unreadable_error
+from proxy.errors import ContextLengthExceeded, QuotaExceeded, ServiceUnavailable
 from proxy.keys import Keys, Limits
 from proxy.metrics import Metrics
 from proxy.pricing import PriceTable
@@ -346,7 +346,7 @@ class BudgetStage(Stage):
         if count is None:
             limits = self.keys.limits(ctx.who)
             if limits.budgeted:
-                raise self._unreadable(ctx, "a budget")
+                raise unreadable_error(ctx, "a budget")
             return await handler(request)
         ctx.prompt_estimate = count.tokens
         assert ctx.body is not None
@@ -375,17 +375,6 @@ class BudgetStage(Stage):
             ctx.unreadable = exc.param
             return None
         return ctx.count
-
-    @staticmethod
-    def _unreadable(ctx: RequestContext, what: str) -> InvalidRequest:
-        param = ctx.unreadable or "body"
-        return InvalidRequest(
-            f"thriftgate cannot count the tokens of this request: its '{param}' is not of the "
-            f"type the API defines, and this API key has {what} that needs the count. Fix the "
-            "request's shape.",
-            param=param,
-            code="invalid_request_shape",
-        )
 
     # -- exact usage for streams ------------------------------------------------------------------
 

@@ -93,6 +93,19 @@ class RequestContext:
 CTX: web.RequestKey[RequestContext] = web.RequestKey("thriftgate_ctx", RequestContext)
 
 
+def unreadable_error(ctx: RequestContext, needs: str) -> InvalidRequest:
+    """400 for a body the proxy cannot count, from a key whose ``needs`` (a budget, a rate limit)
+    need the count; ``param`` names the field."""
+    param = ctx.unreadable or "body"
+    return InvalidRequest(
+        f"thriftgate cannot count the tokens of this request: its '{param}' is not of the type "
+        f"the API defines, and this API key has {needs}, which needs the count. Fix the "
+        "request's shape.",
+        param=param,
+        code="invalid_request_shape",
+    )
+
+
 def context_of(request: web.Request) -> RequestContext | None:
     try:
         return request[CTX]

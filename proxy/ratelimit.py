@@ -34,8 +34,8 @@ from multidict import CIMultiDict
 from redis.asyncio import Redis
 
 from proxy.config import ModelLimit, RateLimitSettings
-from proxy.context import RequestContext, context_of
-from proxy.errors import InvalidRequest, ProxyError
+from proxy.context import RequestContext, context_of, unreadable_error
+from proxy.errors import ProxyError
 from proxy.keys import Keys, Limits
 from proxy.metrics import Metrics
 from proxy.store import REDIS, RedisGuard
@@ -374,7 +374,8 @@ class RateLimitStage(Stage):
         if ctx.model is None or ctx.unreadable is not None:
             # what cannot be read cannot be charged: refused for a rate-limited key, else sent
             if self.enabled and self.keys.limits(ctx.who).rate_limited:
-                raise _unreadable(ctx)
+                ctx.unreadable = ctx.unreadable or "model"  # no model: nothing to charge
+                raise unreadable_error(ctx, "a rate limit")
             return await handler(request)
         charge: Charge | None = None
         limits = self.keys.limits(ctx.who)
@@ -608,16 +609,6 @@ class RateLimitStage(Stage):
                 while len(self.held_until) >= MAX_HOLDS:  # the ones ending soonest go first
                     del self.held_until[min(self.held_until, key=self.held_until.__getitem__)]
             self.held_until[scope] = max(self.held_until.get(scope, 0.0), now + hold)
-
-
-def _unreadable(ctx: RequestContext) -> InvalidRequest:
-    param = ctx.unreadable or "model"
-    return InvalidRequest(
-        f"thriftgate cannot count this request for its rate limits: its '{param}' is not of the "
-        "type the API defines (model must be a string). Fix the request's shape.",
-        param=param,
-        code="invalid_request_shape",
-    )
 
 
 def _int(value: str | None) -> int | None:
