@@ -93,6 +93,7 @@ async def send_upstream(
             stream=stream,
             rewritten=rewritten,
             body_idle_s=settings.server.body_timeout_s,
+            control=ctx.control.names if ctx is not None else None,
         )
     except (UpstreamUnavailable, UpstreamTimeout):
         target.failed(pool.clock())

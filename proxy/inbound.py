@@ -48,6 +48,7 @@ class Control:
     trim_keep: int | None = None  # keep the last N messages
     trim_off: bool = False  # x-thriftgate-trim: off (trimming configured, but not for this one)
     tags: list[str] | None = None
+    names: tuple[str, ...] = ()  # every x-thriftgate-* header the request had, known or not
 
 
 NO_CONTROL = Control()
@@ -77,6 +78,7 @@ def secret_bytes(value: str) -> bytes:
 def read_headers(headers: CIMultiDictProxy[str]) -> Control:
     """Check every header's bytes and read the control headers (one pass over the headers)."""
     found: dict[str, str] | None = None
+    names: list[str] | None = None
     for name, value in headers.items():
         if not value.isascii():
             try:
@@ -88,6 +90,9 @@ def read_headers(headers: CIMultiDictProxy[str]) -> Control:
                     code="invalid_header",
                 ) from None
         if len(name) > 13 and name[:13].lower() == PREFIX:
+            if names is None:
+                names = []
+            names.append(name)
             lower = name.lower()
             if lower in KNOWN:
                 if found is None:
@@ -95,9 +100,11 @@ def read_headers(headers: CIMultiDictProxy[str]) -> Control:
                 if lower in found:
                     raise _bad(name, value, "give it once", "invalid_header")
                 found[lower] = value
-    if found is None:
+    if names is None:
         return NO_CONTROL
+    found = found or {}
     return Control(
+        names=tuple(names),
         cache_ttl_s=_ttl(found[CACHE_TTL]) if CACHE_TTL in found else None,
         max_retries=_retries(found[MAX_RETRIES]) if MAX_RETRIES in found else None,
         tags=_tags(found[TAGS]) if TAGS in found else None,

@@ -62,9 +62,12 @@ def identify(authorization: str | None, secret: bytes) -> Identity:
     if token is None:
         return NOBODY
     digest = hashlib.sha256(token).hexdigest()
-    scope = hmac.new(secret, token, hashlib.sha256).hexdigest()
+    scope = hmac.digest(secret, token, "sha256").hex()
     shown = digest[:FINGERPRINT_HEX]
     return Identity(shown, digest, scope, scope if looks_like_key(token) else ANONYMOUS)
+
+
+IDENTITIES_KEPT = 4096  # identities remembered per process, by the key's SHA-256 (never the key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +111,7 @@ class Keys:
         )
         self._by_fingerprint = {k.fingerprint: self._resolve(k) for k in settings.keys}
         self.scope_secret = settings.server.scope_secret.encode()
+        self._seen: dict[bytes, Identity] = {}
 
     def _resolve(self, policy: KeyPolicy) -> Limits:
         overrides = {
@@ -118,7 +122,18 @@ class Keys:
         return dataclasses.replace(self.default, alias=policy.alias, **overrides)
 
     def identify(self, authorization: str | None) -> Identity:
-        return identify(authorization, self.scope_secret)
+        """The request's identity. A client sends the same key again and again: the HMAC is made
+        once per key, remembered by the key's SHA-256 (a bounded map; the key is not kept)."""
+        token = bearer_token(authorization)
+        if token is None:
+            return NOBODY
+        digest = hashlib.sha256(token).digest()
+        found = self._seen.get(digest)
+        if found is None:
+            if len(self._seen) >= IDENTITIES_KEPT:
+                self._seen.clear()
+            found = self._seen[digest] = identify(authorization, self.scope_secret)
+        return found
 
     def limits(self, who: Identity | None) -> Limits:
         """A key's limits: its ``[keys]`` table (named by the whole digest, or by the

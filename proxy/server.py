@@ -62,19 +62,17 @@ class ProxyRequestHandler(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
-        if (
-            self._header_timer is None
-            and not self._request_in_progress
-            and not self._messages
-            and not self._force_close
-        ):
-            # the first bytes of a request: its headers have header_timeout_s to arrive whole
-            self._header_timer = self._loop.call_later(self.header_timeout_s, self._headers_late)
+        idle = not self._request_in_progress and not self._messages
         before = self._request_count
         super().data_received(data)
-        if self._request_count != before and self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        if self._request_count != before:  # a request's headers arrived whole
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+        elif idle and self._header_timer is None and not self._force_close:
+            # part of a request's headers (the common case, whole headers in one read, arms no
+            # timer): the rest has header_timeout_s to arrive
+            self._header_timer = self._loop.call_later(self.header_timeout_s, self._headers_late)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:

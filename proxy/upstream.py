@@ -308,7 +308,11 @@ class Upstream:
         *,
         fixed_body: bool,
         rewritten: bool = False,
+        control: tuple[str, ...] | None = None,
     ) -> CIMultiDict[str]:
+        """The headers to send: the client's end-to-end ones, less ``Host`` and the proxy's own
+        (``control``: the x-thriftgate-* names the request had, read once by the context stage;
+        None: look for them here)."""
         # with the body in hand, aiohttp sets Content-Length from the bytes, to the same value;
         # a body a stage re-serialised is plain JSON, whatever encoding the client's had
         drop = (
@@ -316,7 +320,10 @@ class Upstream:
             *(("Content-Length",) if fixed_body else ()),
             *(("Content-Encoding",) if rewritten else ()),
         )
-        headers = end_to_end(request.headers, *drop, prefix=CONTROL_PREFIX)
+        if control is None:
+            headers = end_to_end(request.headers, *drop, prefix=CONTROL_PREFIX)
+        else:
+            headers = end_to_end(request.headers, *drop, *control)
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         return headers
@@ -331,6 +338,7 @@ class Upstream:
         stream: bool = False,
         rewritten: bool = False,
         body_idle_s: float = 60.0,
+        control: tuple[str, ...] | None = None,
     ) -> Reply:
         """Send the request upstream and return the reply once its status and headers arrived.
 
@@ -347,7 +355,11 @@ class Upstream:
                 )
             data = _BodyCounter(request.content, max_body, body_idle_s)
         headers = self.request_headers(
-            request, target.api_key, fixed_body=body is not None, rewritten=rewritten
+            request,
+            target.api_key,
+            fixed_body=body is not None,
+            rewritten=rewritten,
+            control=control,
         )
         if target.basic_auth is not None and "Authorization" not in headers:
             headers["Authorization"] = target.basic_auth  # the URL's user-info, when nothing else
