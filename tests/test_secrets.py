@@ -192,3 +192,22 @@ async def test_a_keys_table_may_name_the_whole_digest(make_proxy: MakeProxy, tmp
         async with s.post(proxy.base_url + "/chat/completions", json=body, headers=headers) as r:
             assert r.status == 200
     assert (await proxy.usage.wait(1))[0]["key_alias"] == "full"
+
+
+async def test_url_user_info_is_basic_auth_only_when_nothing_else_authorises(
+    make_proxy: MakeProxy, upstream: TestServer, fake: FakeOpenAI
+) -> None:
+    base = upstream.make_url("/v1")
+    proxy = await make_proxy(
+        env={"THRIFTGATE_UPSTREAM_URL": f"http://gw:pw@{base.host}:{base.port}/v1?api-version=1"}
+    )
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.base_url + "/models?limit=2"):
+            pass
+        async with s.get(proxy.base_url + "/models", headers={"Authorization": "Bearer sk-x-1234"}):
+            pass
+    first, second = fake.requests[-2:]
+    assert first.headers["Authorization"] == "Basic Z3c6cHc="  # gw:pw
+    assert first.path == "/v1/models?api-version=1&limit=2"
+    assert second.headers["Authorization"] == "Bearer sk-x-1234"
+    assert second.path == "/v1/models?api-version=1"
