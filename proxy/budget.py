@@ -342,7 +342,7 @@ class BudgetStage(Stage):
                 if limits.budgeted:  # paid endpoints: refused once spent, charged after the fact
                     await self._reserve(ctx, limits, probe=True)
             return await handler(request)
-        count = await self._count(ctx)
+        count = ctx.count or await self._count(ctx)
         if count is None:
             limits = self.keys.limits(ctx.who)
             if limits.budgeted:

@@ -127,7 +127,8 @@ class RequestContextStage(Stage):
         self.stopping = False  # set when shutdown ends what is still running
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/v1/"):
+        path = request.path
+        if not path.startswith("/v1/"):
             return await handler(request)
         headers = request.headers
         who = self.keys.identify(headers.get("Authorization"))
@@ -135,7 +136,7 @@ class RequestContextStage(Stage):
             request_id=f"{self._id_prefix}{next(self._ids):016x}",
             started=time.monotonic(),
             method=request.method,
-            endpoint=safe_text(request.path),
+            endpoint=path if path.isascii() else safe_text(path),
             key=who.fingerprint,
             who=who,
         )
@@ -154,7 +155,7 @@ class RequestContextStage(Stage):
             ctx.key_alias = self.keys.alias(who)
             ctx.organization = headers.get("OpenAI-Organization")
             ctx.project = headers.get("OpenAI-Project")
-            if request.method == "POST" and request.path in OPTIMISED_ENDPOINTS:
+            if request.method == "POST" and path in OPTIMISED_ENDPOINTS:
                 await self._parse(request, ctx)
             resp = await handler(request)
         except ProxyError as exc:
@@ -197,7 +198,8 @@ class RequestContextStage(Stage):
             ) from None
         ctx.optimised = True
         ctx.raw = raw
-        text = decode_body(raw, request.headers.get("Content-Encoding"), limit)
+        encoding = request.headers.get("Content-Encoding")
+        text = decode_body(raw, encoding, limit) if encoding else raw
         if text is None:  # an encoding this process cannot undo: the upstream decides
             ctx.unreadable = "body"
             return

@@ -163,8 +163,6 @@ _DOTS = frozenset({".", ".."})
 def path_problem(raw_path: str) -> str | None:
     """Why a raw request path could leave the upstream's base, or None when it cannot."""
     path = raw_path.partition("?")[0]
-    if "%" not in path and "." not in path and "\\" not in path:
-        return None  # the common case: nothing to decode, no dot
     if "\\" in path:
         return "a backslash"
     for segment in path.split("/"):
@@ -186,7 +184,10 @@ def path_problem(raw_path: str) -> str | None:
 
 
 def check_path(raw_path: str) -> None:
-    why = path_problem(raw_path)
+    path = raw_path.partition("?")[0]
+    if "%" not in path and "." not in path and "\\" not in path:
+        return  # the common case: nothing to decode, no dot
+    why = path_problem(path)
     if why is not None:
         raise InvalidRequest(
             f"The request path contains {why}; thriftgate forwards only paths that stay under "

@@ -125,7 +125,9 @@ class Metrics:
     def observe_request(self, record: dict[str, Any]) -> None:
         """Count one usage-log record (endpoint, model, status, cache, tokens, cost, timings)."""
         model = self.model_label(record.get("model"))
-        endpoint = endpoint_label(str(record.get("endpoint")))
+        endpoint = str(record.get("endpoint"))
+        if endpoint not in ENDPOINTS:
+            endpoint = endpoint_label(endpoint)
         key = (endpoint, model, str(record.get("status")), record.get("cache") or "")
         self.requests[key] = self.requests.get(key, 0) + 1
         for kind in TOKEN_KINDS:

@@ -90,12 +90,19 @@ class OptimizeStage(Stage):
     def __init__(self, settings: OptimizeSettings, catalogue: Catalogue) -> None:
         self.settings = settings
         self.catalogue = catalogue
+        self.configured = settings.trim or settings.dynamic_max_tokens
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
-        if ctx is not None and ctx.body is not None and ctx.unreadable is None:
+        if (
+            ctx is not None
+            and ctx.body is not None
+            and ctx.unreadable is None
+            and (self.configured or ctx.control.trim_keep is not None)
+            and ctx.endpoint == CHAT
+        ):
             keep = keep_for(ctx.control, self.settings)
-            if (keep is not None or self.settings.dynamic_max_tokens) and ctx.endpoint == CHAT:
+            if keep is not None or self.settings.dynamic_max_tokens:
                 await self._optimise(ctx, keep)
         return await handler(request)
 

@@ -330,21 +330,21 @@ def count_request(endpoint: str, body: dict[str, Any], model: str | None = None)
     return Count(tokens, name, approximate or estimated, estimated)
 
 
-def _count_or_raise(endpoint: str, body: dict[str, Any], model: str | None) -> Count:
-    try:
-        return count_request(endpoint, body, model)
-    except (TypeError, ValueError, AttributeError, RecursionError, KeyError):
-        raise Uncountable("body") from None  # a shape unreadable_field does not look into
+_UNCOUNTABLE = (TypeError, ValueError, AttributeError, RecursionError, KeyError)
 
 
 async def count_request_async(
     endpoint: str, body: dict[str, Any], size: int, model: str | None = None
 ) -> Count:
     """``count_request``, in a worker thread when the body is large, so no request stalls;
-    ``Uncountable`` when the body's shape defeats the counter."""
-    if size > OFF_LOOP_BYTES:
-        return await asyncio.to_thread(_count_or_raise, endpoint, body, model)
-    return _count_or_raise(endpoint, body, model)
+    ``Uncountable`` when the body's shape defeats the counter (a shape ``unreadable_field``
+    does not look into)."""
+    try:
+        if size > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(count_request, endpoint, body, model)
+        return count_request(endpoint, body, model)
+    except _UNCOUNTABLE:
+        raise Uncountable("body") from None
 
 
 # -- the model catalogue -------------------------------------------------------------------------
