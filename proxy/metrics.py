@@ -6,6 +6,7 @@ into Prometheus samples when /metrics is scraped.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,8 @@ def endpoint_label(path: str) -> str:
 
 
 TOKEN_KINDS = ("prompt", "cached", "completion", "reasoning")
+_TOKEN_FIELDS = tuple((kind, f"{kind}_tokens") for kind in TOKEN_KINDS)
+_NUMBER = (float, int)
 
 
 class Histogram:
@@ -73,10 +76,7 @@ class Histogram:
         self.sum = 0.0
 
     def observe(self, seconds: float) -> None:
-        i = 0
-        while i < len(LATENCY_BUCKETS) and seconds > LATENCY_BUCKETS[i]:
-            i += 1
-        self.counts[i] += 1
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1  # the first bound >= seconds
         self.sum += seconds
 
     def buckets(self) -> list[tuple[str, float]]:
@@ -130,17 +130,17 @@ class Metrics:
             endpoint = endpoint_label(endpoint)
         key = (endpoint, model, str(record.get("status")), record.get("cache") or "")
         self.requests[key] = self.requests.get(key, 0) + 1
-        for kind in TOKEN_KINDS:
-            n = record.get(f"{kind}_tokens")
-            if isinstance(n, int) and n:
+        for kind, field in _TOKEN_FIELDS:
+            n = record.get(field)
+            if n and isinstance(n, int):
                 self.tokens[(model, kind)] = self.tokens.get((model, kind), 0) + n
         for name, into in (("cost_usd", self.cost_usd), ("saved_usd", self.saved_usd)):
             usd = record.get(name)
-            if isinstance(usd, float | int) and usd:
+            if usd and isinstance(usd, _NUMBER):
                 into[model] = into.get(model, 0.0) + usd
         for name, into in (("latency_ms", self.latency), ("ttft_ms", self.ttft)):
             ms = record.get(name)
-            if isinstance(ms, float | int):
+            if ms is not None and isinstance(ms, _NUMBER):
                 hist = into.get(endpoint)
                 if hist is None:
                     hist = into[endpoint] = Histogram()
