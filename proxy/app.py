@@ -232,7 +232,7 @@ def create_app(
     cache = CacheStage(settings.cache, metrics, follower_wait_s=settings.upstream.total_timeout_s)
     keys = Keys(settings)
     catalogue = Catalogue(settings.models)
-    context = RequestContextStage(usage_log, keys)
+    context = RequestContextStage(usage_log, keys, settings.server)
     budget = BudgetStage(
         catalogue,
         keys,

@@ -23,10 +23,11 @@ from proxy.errors import InvalidRequest, PayloadTooLarge, ProxyError, RequestTim
 from proxy.inbound import NO_CONTROL, Control, check_path, decode_body, read_headers, safe_text
 from proxy.keys import NOBODY, Identity
 from proxy.tokens import Count, unreadable_field
-from proxy.types import SETTINGS, Handler, Stage
+from proxy.types import Handler, Stage
 from proxy.upstream import Outcome, Reply
 
 if TYPE_CHECKING:
+    from proxy.config import ServerSettings
     from proxy.keys import Keys
     from proxy.usage import UsageLog
 
@@ -116,9 +117,10 @@ def context_of(request: web.Request) -> RequestContext | None:
 class RequestContextStage(Stage):
     """Builds the request context, binds the log context and reports each outcome once."""
 
-    def __init__(self, usage_log: UsageLog, keys: Keys) -> None:
+    def __init__(self, usage_log: UsageLog, keys: Keys, server: ServerSettings) -> None:
         self.usage_log = usage_log
         self.keys = keys
+        self.server = server  # body size limit and deadline
         # request ids: a random per-process prefix and a counter (unique, and cheap to make)
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
@@ -178,9 +180,8 @@ class RequestContextStage(Stage):
             self._close(ctx, resp.status, None)
         return resp
 
-    @staticmethod
-    async def _parse(request: web.Request, ctx: RequestContext) -> None:
-        server = request.app[SETTINGS].server
+    async def _parse(self, request: web.Request, ctx: RequestContext) -> None:
+        server = self.server
         limit = server.max_body_bytes
         try:
             if request.content.is_eof():

@@ -287,9 +287,11 @@ def unreadable_field(endpoint: str, body: dict[str, Any]) -> str | None:
         return None if value is None or isinstance(value, str | list) else "prompt"
     messages = body.get("messages")
     if messages is not None:
-        if not _dicts(messages):
+        if not isinstance(messages, list):
             return "messages"
         for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                return "messages"
             content = message.get("content")
             if content is not None and not isinstance(content, str) and not _dicts(content):
                 return f"messages[{i}].content"
