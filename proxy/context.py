@@ -124,8 +124,6 @@ class RequestContextStage(Stage):
         # request ids: a random per-process prefix and a counter (unique, and cheap to make)
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
-        # /v1 requests being answered (until their whole body was sent): shutdown waits for them
-        self.in_flight: set[asyncio.Task[Any]] = set()
         self.stopping = False  # set when shutdown ends what is still running
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -146,10 +144,6 @@ class RequestContextStage(Stage):
         # aiohttp runs each request in a task of its own (a copy of the connection's context),
         # so what is bound here never leaks into the next request: no need to clear first.
         structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
-        task = asyncio.current_task()
-        if task is not None and task not in self.in_flight:
-            self.in_flight.add(task)
-            task.add_done_callback(self.in_flight.discard)
         try:
             check_path(request.raw_path)
             ctx.control = read_headers(headers)  # every header's bytes checked here

@@ -74,6 +74,17 @@ class ProxyRequestHandler(RequestHandler):
             # timer): the rest has header_timeout_s to arrive
             self._header_timer = self._loop.call_later(self.header_timeout_s, self._headers_late)
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The connection's task, while it runs (it ends once the connection is closed; after
+        ``close()`` that is when the request being answered, stream included, is done)."""
+        task = self._task_handler
+        return task if task is not None and not task.done() else None
+
+    @property
+    def busy(self) -> bool:
+        return self._request_in_progress
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
@@ -229,14 +240,18 @@ async def serve(
     await stop.wait()
 
     grace = server.shutdown_grace_s
-    in_flight = app[CONTEXT].in_flight
-    log.info("stopping", requests_in_flight=len(in_flight), grace_s=grace)
+    handlers = [c for c in runner.server.connections] if runner.server is not None else []
+    busy = sum(1 for c in handlers if isinstance(c, ProxyRequestHandler) and c.busy)
+    log.info("stopping", requests_in_flight=busy, grace_s=grace)
     app[STATE].shutting_down = True
     await site.stop()  # no new connections
     if runner.server is not None:
-        runner.server.pre_shutdown()  # idle keep-alive connections closed now
-    if in_flight:
-        _, running = await asyncio.wait(set(in_flight), timeout=grace)
+        # idle keep-alive connections close now; busy ones once their answer is done
+        runner.server.pre_shutdown()
+    handlers = [c for c in runner.server.connections] if runner.server is not None else []
+    tasks = {t for c in handlers if isinstance(c, ProxyRequestHandler) and (t := c.task)}
+    if tasks:
+        _, running = await asyncio.wait(tasks, timeout=grace)
         if running:  # the grace is over: end them (each is settled with what it delivered)
             app[CONTEXT].stopping = True
             for task in running:
