@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import hashlib
 import json
 import os
 import shutil
@@ -239,7 +238,7 @@ def batch_command(args: argparse.Namespace) -> int:
 
 
 def print_fingerprint(key: str, *, full: bool = False) -> int:
-    from proxy.keys import fingerprint
+    from proxy.keys import fingerprint, key_digest
 
     secret = sys.stdin.readline() if key == "-" else key
     secret = secret.strip()
@@ -248,7 +247,7 @@ def print_fingerprint(key: str, *, full: bool = False) -> int:
     if not secret:
         print("thriftgate: no key given", file=sys.stderr)
         return 2
-    print(hashlib.sha256(secret.encode()).hexdigest() if full else fingerprint(secret))
+    print(key_digest(secret) if full else fingerprint(secret))
     return 0
 
 

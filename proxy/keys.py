@@ -27,9 +27,14 @@ FINGERPRINT_HEX = 12  # the display fingerprint's length
 _KEY_SHAPE = re.compile(rb"^[A-Za-z0-9_\-.:+/=~]{8,512}$")
 
 
+def key_digest(secret: str) -> str:
+    """An API key's whole SHA-256, in hex (what a ``[keys]`` table may name)."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def fingerprint(secret: str) -> str:
     """A short, stable, non-reversible name for an API key: 12 hex digits of its SHA-256."""
-    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()[:FINGERPRINT_HEX]
+    return key_digest(secret)[:FINGERPRINT_HEX]
 
 
 def bearer_token(authorization: str | None) -> bytes | None:
@@ -57,14 +62,12 @@ class Identity:
 NOBODY = Identity(None, None, ANONYMOUS, ANONYMOUS)
 
 
-def identify(authorization: str | None, secret: bytes) -> Identity:
-    token = bearer_token(authorization)
-    if token is None:
-        return NOBODY
-    digest = hashlib.sha256(token).hexdigest()
+def identify(token: bytes, digest: bytes, secret: bytes) -> Identity:
+    """The identity of ``token`` (a key, as sent), whose SHA-256 is ``digest``."""
+    hexed = digest.hex()
     scope = hmac.digest(secret, token, "sha256").hex()
-    shown = digest[:FINGERPRINT_HEX]
-    return Identity(shown, digest, scope, scope if looks_like_key(token) else ANONYMOUS)
+    shown = hexed[:FINGERPRINT_HEX]
+    return Identity(shown, hexed, scope, scope if looks_like_key(token) else ANONYMOUS)
 
 
 IDENTITIES_KEPT = 4096  # identities remembered per process, by the key's SHA-256 (never the key)
@@ -132,7 +135,7 @@ class Keys:
         if found is None:
             if len(self._seen) >= IDENTITIES_KEPT:
                 self._seen.clear()
-            found = self._seen[digest] = identify(authorization, self.scope_secret)
+            found = self._seen[digest] = identify(token, digest, self.scope_secret)
         return found
 
     def limits(self, who: Identity | None) -> Limits:
