@@ -33,7 +33,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy import __version__
 from proxy.config import Settings, redact_url
-from proxy.errors import envelope
+from proxy.errors import envelope, error_response
 from proxy.inbound import safe_text
 
 log = structlog.get_logger("thriftgate")
@@ -126,12 +126,7 @@ class ProxyRequestHandler(RequestHandler):
             code = "bad_http_request" if status == 400 else f"http_{status}"
             log.info("bad_http_request", status=status, error=type(exc).__name__ if exc else None)
         type_ = "invalid_request_error" if status < 500 else "server_error"
-        resp = web.Response(
-            status=status,
-            body=orjson.dumps(envelope(text, type_, code)),
-            content_type="application/json",
-            headers={"x-thriftgate-error": code},
-        )
+        resp = error_response(status, text, type_, code)
         resp.force_close()
         return resp
 
@@ -240,16 +235,18 @@ async def serve(
     await stop.wait()
 
     grace = server.shutdown_grace_s
-    handlers = [c for c in runner.server.connections] if runner.server is not None else []
-    busy = sum(1 for c in handlers if isinstance(c, ProxyRequestHandler) and c.busy)
-    log.info("stopping", requests_in_flight=busy, grace_s=grace)
     app[STATE].shutting_down = True
     await site.stop()  # no new connections
+    handlers = [
+        c
+        for c in (runner.server.connections if runner.server is not None else ())
+        if isinstance(c, ProxyRequestHandler)
+    ]
+    log.info("stopping", requests_in_flight=sum(c.busy for c in handlers), grace_s=grace)
     if runner.server is not None:
         # idle keep-alive connections close now; busy ones once their answer is done
         runner.server.pre_shutdown()
-    handlers = [c for c in runner.server.connections] if runner.server is not None else []
-    tasks = {t for c in handlers if isinstance(c, ProxyRequestHandler) and (t := c.task)}
+    tasks = {t for c in handlers if (t := c.task)}
     if tasks:
         _, running = await asyncio.wait(tasks, timeout=grace)
         if running:  # the grace is over: end them (each is settled with what it delivered)
