@@ -42,13 +42,13 @@ from redis.asyncio import Redis
 
 from proxy.alerts import Alerts
 from proxy.config import BudgetSettings
-from proxy.context import RequestContext, context_of, unreadable_error
+from proxy.context import RequestContext, context_of, counted, unreadable_error
 from proxy.errors import ContextLengthExceeded, QuotaExceeded, ServiceUnavailable
 from proxy.keys import Keys, Limits
 from proxy.metrics import Metrics
 from proxy.pricing import PriceTable
 from proxy.store import REDIS, RedisGuard
-from proxy.tokens import Catalogue, Count, Uncountable, count_request_async
+from proxy.tokens import Catalogue, Count
 from proxy.types import Handler, Stage
 from proxy.upstream import Outcome, Reply
 from proxy.usage import UsageStripper, spent
@@ -342,7 +342,7 @@ class BudgetStage(Stage):
                 if limits.budgeted:  # paid endpoints: refused once spent, charged after the fact
                     await self._reserve(ctx, limits, probe=True)
             return await handler(request)
-        count = ctx.count or await self._count(ctx)
+        count = await counted(ctx)
         if count is None:
             limits = self.keys.limits(ctx.who)
             if limits.budgeted:
@@ -361,20 +361,6 @@ class BudgetStage(Stage):
         if strip and isinstance(resp, Reply) and resp.status < 300:
             self._strip_usage(ctx, resp)
         return resp
-
-    async def _count(self, ctx: RequestContext) -> Count | None:
-        """The prompt's tokens, or None when the body cannot be read (``ctx.unreadable``)."""
-        if ctx.count is not None:
-            return ctx.count
-        if ctx.unreadable is not None or ctx.body is None:
-            ctx.unreadable = ctx.unreadable or "body"
-            return None
-        try:
-            ctx.count = await count_request_async(ctx.endpoint, ctx.body, len(ctx.raw or b""))
-        except Uncountable as exc:
-            ctx.unreadable = exc.param
-            return None
-        return ctx.count
 
     # -- exact usage for streams ------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from aiohttp import web
 from proxy.errors import InvalidRequest, PayloadTooLarge, ProxyError, RequestTimeout
 from proxy.inbound import NO_CONTROL, Control, check_path, decode_body, read_headers, safe_text
 from proxy.keys import NOBODY, Identity
-from proxy.tokens import Count, unreadable_field
+from proxy.tokens import Count, Uncountable, count_request_async, unreadable_field
 from proxy.types import Handler, Stage
 from proxy.upstream import Outcome, Reply
 
@@ -105,6 +105,23 @@ def unreadable_error(ctx: RequestContext, needs: str) -> InvalidRequest:
         param=param,
         code="invalid_request_shape",
     )
+
+
+async def counted(ctx: RequestContext) -> Count | None:
+    """The prompt's tokens, counted once per request (kept in ``ctx.count``), or None when the
+    body cannot be read: ``ctx.unreadable`` then names the field ("body" for the whole)."""
+    if ctx.unreadable is not None:
+        return None
+    if ctx.count is None:
+        if ctx.body is None:
+            ctx.unreadable = "body"
+            return None
+        try:
+            ctx.count = await count_request_async(ctx.endpoint, ctx.body, len(ctx.raw or b""))
+        except Uncountable as exc:
+            ctx.unreadable = exc.param
+            return None
+    return ctx.count
 
 
 def context_of(request: web.Request) -> RequestContext | None:

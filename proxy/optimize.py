@@ -20,9 +20,9 @@ import orjson
 from aiohttp import web
 
 from proxy.config import ModelInfo, OptimizeSettings
-from proxy.context import RequestContext, context_of
+from proxy.context import RequestContext, context_of, counted
 from proxy.inbound import Control
-from proxy.tokens import Catalogue, Uncountable, count_request_async
+from proxy.tokens import Catalogue, count_request_async
 from proxy.types import Handler, Stage
 
 CHAT = "/v1/chat/completions"
@@ -107,13 +107,10 @@ class OptimizeStage(Stage):
         return await handler(request)
 
     async def _optimise(self, ctx: RequestContext, keep: int | None) -> None:
-        assert ctx.body is not None
-        size = len(ctx.raw or b"")
-        try:
-            count = await count_request_async(ctx.endpoint, ctx.body, size)
-        except Uncountable as exc:
-            ctx.unreadable = exc.param
+        count = await counted(ctx)
+        if count is None:
             return
+        assert ctx.body is not None
         body = ctx.body
         done: dict[str, Any] = {}
         messages = body.get("messages")
@@ -126,7 +123,7 @@ class OptimizeStage(Stage):
             if len(kept) < len(messages):
                 body = {**body, "messages": kept}
                 before = count.tokens
-                count = await count_request_async(ctx.endpoint, body, size)
+                count = await count_request_async(ctx.endpoint, body, len(ctx.raw or b""))
                 done.update(
                     trim=f"last-{keep}",
                     messages_dropped=len(messages) - len(kept),
