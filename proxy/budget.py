@@ -222,13 +222,14 @@ class RedisCounters:
         self._send(charges)
 
     def _send(self, charges: Sequence[Charge]) -> None:
-        async def send() -> None:
-            if await self.guard.call("budget", lambda c: self._run(c, charges), None) is None:
-                self._keep(charges)
-
-        task = asyncio.get_running_loop().create_task(send())
+        task = asyncio.get_running_loop().create_task(self._settle(charges))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _settle(self, charges: Sequence[Charge]) -> None:
+        """Charge without a check now; what Redis does not take is kept for the next chance."""
+        if await self.guard.call("budget", lambda c: self._run(c, charges), None) is None:
+            self._keep(charges)
 
     def _keep(self, charges: Sequence[Charge]) -> None:
         for c in charges:
@@ -244,8 +245,7 @@ class RedisCounters:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self.unsent:
             charges, self.unsent = list(self.unsent.values()), {}
-            if await self.guard.call("budget", lambda c: self._run(c, charges), None) is None:
-                self._keep(charges)  # still unreachable: kept for the next chance
+            await self._settle(charges)
 
 
 # -- periods -------------------------------------------------------------------------------------

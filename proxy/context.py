@@ -210,8 +210,7 @@ class RequestContextStage(Stage):
             ) from None
         ctx.optimised = True
         ctx.raw = raw
-        encoding = request.headers.get("Content-Encoding")
-        text = decode_body(raw, encoding, limit) if encoding else raw
+        text = decode_body(raw, request.headers.get("Content-Encoding"), limit)
         if text is None:  # an encoding this process cannot undo: the upstream decides
             ctx.unreadable = "body"
             return
