@@ -8,7 +8,7 @@ cache key is what is actually sent upstream):
 
 Both change what is sent upstream (the body is re-serialised), which is why they are off unless
 configured (``[optimize]``) or asked for (``x-thriftgate-trim: last-10``). A request that needs
-neither costs this stage two attribute reads.
+neither costs this stage a few attribute checks.
 """
 
 from __future__ import annotations
