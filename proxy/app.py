@@ -94,6 +94,7 @@ async def send_upstream(
             rewritten=rewritten,
             body_idle_s=settings.server.body_timeout_s,
             control=ctx.control.names if ctx is not None else None,
+            observe=ctx.form.feed if ctx is not None and ctx.form is not None else None,
         )
     except (UpstreamUnavailable, UpstreamTimeout):
         target.failed(pool.clock())

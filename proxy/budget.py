@@ -43,6 +43,7 @@ from redis.asyncio import Redis
 from proxy.alerts import Alerts
 from proxy.config import BudgetSettings
 from proxy.context import RequestContext, context_of, counted, unreadable_error
+from proxy.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, free
 from proxy.errors import ContextLengthExceeded, QuotaExceeded, ServiceUnavailable
 from proxy.keys import Keys, Limits
 from proxy.metrics import Metrics
@@ -51,9 +52,10 @@ from proxy.store import REDIS, RedisGuard
 from proxy.tokens import Catalogue, Count
 from proxy.types import Handler, Stage
 from proxy.upstream import Outcome, Reply
-from proxy.usage import UsageStripper, spent
+from proxy.usage import UsageStripper, charged, spent
 
 PROMPT_TOKENS_HEADER = "x-thriftgate-prompt-tokens"
+PROMPT_SOURCE_HEADER = "x-thriftgate-prompt-tokens-source"  # exact | approximate | partial
 NANO = 1_000_000_000  # USD budgets are counted in nano-dollars (integers, exact in Lua)
 
 
@@ -337,10 +339,10 @@ class BudgetStage(Stage):
         if ctx is None:
             return await handler(request)
         if not ctx.optimised:
-            if request.method == "POST":
+            if request.method == "POST" and not free(request.method, ctx.endpoint):
                 limits = self.keys.limits(ctx.who)
                 if limits.budgeted:  # paid endpoints: refused once spent, charged after the fact
-                    await self._reserve(ctx, limits, probe=True)
+                    await self._reserve(ctx, limits, media=ctx.media is not None)
             return await handler(request)
         count = await counted(ctx)
         if count is None:
@@ -349,6 +351,7 @@ class BudgetStage(Stage):
                 raise unreadable_error(ctx, "a budget")
             return await handler(request)
         ctx.prompt_estimate = count.tokens
+        ctx.prompt_source = count.source
         assert ctx.body is not None
         ctx.output_limit = requested_output(ctx.body)
         self._guard(ctx, count)
@@ -358,6 +361,7 @@ class BudgetStage(Stage):
             await self._reserve(ctx, limits)
         resp = await handler(request)
         resp.headers[PROMPT_TOKENS_HEADER] = str(count.tokens)
+        resp.headers[PROMPT_SOURCE_HEADER] = count.source
         if strip and isinstance(resp, Reply) and resp.status < 300:
             self._strip_usage(ctx, resp)
         return resp
@@ -367,8 +371,8 @@ class BudgetStage(Stage):
     def _force_stream_usage(self, ctx: RequestContext) -> bool:
         """With ``usage.force_stream_usage``: ask for the usage chunk the client did not ask for
         (the request sent upstream changes; the client's stream will not)."""
-        if not self.force_usage or not ctx.stream or ctx.endpoint == "/v1/embeddings":
-            return False
+        if not self.force_usage or not ctx.stream or ctx.endpoint not in (CHAT, COMPLETIONS):
+            return False  # embeddings do not stream; Responses streams always carry usage
         assert ctx.body is not None
         options = ctx.body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage") is True:
@@ -403,32 +407,38 @@ class BudgetStage(Stage):
         unknown size could refuse a request that fits), and not for embeddings (their limit is per
         input, and OpenAI reports it). A model the catalogue knows but tiktoken does not (one added
         in the config) is counted with o200k_base and guarded all the same."""
-        if count.parts_estimated or ctx.endpoint == "/v1/embeddings":
+        if count.parts_estimated or ctx.endpoint == EMBEDDINGS:
             return
         info = self.catalogue.lookup(ctx.model)
         if info is None:
             return
         output = ctx.output_limit or 0
         if count.tokens + output > info.context_window:
+            field = "input" if ctx.endpoint == RESPONSES else "messages"
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {info.context_window} tokens. However, "
-                f"you requested {count.tokens + output} tokens ({count.tokens} in the messages, "
-                f"{output} in the completion). Please reduce the length of the messages or "
+                f"you requested {count.tokens + output} tokens ({count.tokens} in the {field}, "
+                f"{output} in the completion). Please reduce the length of the {field} or "
                 "completion.",
-                param="messages",
+                param=field,
             )
 
     # -- budgets ---------------------------------------------------------------------------------
 
-    async def _reserve(self, ctx: RequestContext, limits: Limits, *, probe: bool = False) -> None:
-        """Charge the estimate to every budget window, or refuse. A ``probe`` (an endpoint the
-        proxy does not count) charges one token and one nano-dollar: refused once spent."""
-        if probe:
-            tokens, usd_nano = 1, 1
+    async def _reserve(self, ctx: RequestContext, limits: Limits, *, media: bool = False) -> None:
+        """Charge the estimate to every budget window, or refuse. Images and audio reserve their
+        price where the request tells it (else one nano-dollar); any other endpoint the proxy
+        does not count is a probe (one token, one nano-dollar): refused once spent."""
+        if not ctx.optimised:
+            usd = None
+            if media and ctx.media is not None and ctx.kind is not None:
+                usd = self.prices.media_estimate(ctx.kind, ctx.media)
+            tokens = 1  # refused once a token budget is spent; settled to the answer's usage
+            usd_nano = max(math.ceil(usd * NANO), 1) if usd is not None else 1
         else:
             prompt = ctx.prompt_estimate or 0
             output = 0
-            if ctx.endpoint != "/v1/embeddings":
+            if ctx.endpoint != EMBEDDINGS:
                 output = ctx.output_limit or self.settings.output_reserve_tokens
             tokens = prompt + output
             usd = self.prices.estimate(ctx.model, prompt, output)
@@ -478,13 +488,17 @@ class BudgetStage(Stage):
         """Give back the reservation and charge what the call actually used: the upstream's usage;
         nothing for an answer that failed; the prompt estimate when usage is unknown."""
         fields = spent(ctx)
-        if fields is None:
+        if ctx.media is not None:  # images and audio: their price, from the answer
+            total = (fields or {}).get("total_tokens") or 0
+            failed = (ctx.status or 0) >= 400 and ctx.status != 499
+            usd = 0.0 if failed else charged(ctx, self.prices)  # None: keep the reservation
+        elif fields is None:
             total = ctx.prompt_estimate or 0
             usd = self.prices.estimate(ctx.model, total, 0)
         else:
             total = fields["total_tokens"] or 0
             usd = self.prices.cost(ctx.model, fields)
-        if usd is None and total == 0:
+        if usd is None and total == 0 and ctx.media is None:
             usd = 0.0  # nothing was spent (a failure, or an answer without usage)
         actual_usd = math.ceil(usd * NANO) if usd is not None else r.usd_nano
         deltas = []

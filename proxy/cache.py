@@ -30,6 +30,7 @@ from multidict import CIMultiDict
 
 from proxy.config import CacheSettings
 from proxy.context import RequestContext, context_of
+from proxy.endpoints import EMBEDDINGS, RESPONSES
 from proxy.metrics import Metrics
 from proxy.store import REDIS, RedisGuard
 from proxy.types import Handler, Stage
@@ -260,15 +261,37 @@ class _BodyRecorder:
         else:
             self._chunks.append(data)
 
-    def body(self, *, stream: bool) -> bytes | None:
+    def body(self, *, stream: bool, responses: bool = False) -> bytes | None:
         """The whole decoded body, or None if it cannot be stored (too big, undecodable, a
-        stream that did not end with ``[DONE]``)."""
+        stream that did not end with ``[DONE]``, or for the Responses API with its
+        ``response.completed`` event)."""
         if self.too_big or (self._decoder is not None and self._decoder.failed):
             return None
         body = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        if stream and not body[-64:].rstrip().endswith(b"data: [DONE]"):
+        if stream and not (completed(body) if responses else done_stream(body)):
             return None
         return body
+
+
+def done_stream(body: bytes) -> bool:
+    return body[-64:].rstrip().endswith(b"data: [DONE]")
+
+
+def completed(body: bytes) -> bool:
+    """A Responses event stream whose last event is ``response.completed`` (not ``failed``,
+    ``incomplete`` or cut short)."""
+    last = body.rstrip().rfind(b"\n\n")
+    event = body[last + 2 :] if last >= 0 else body
+    return event.startswith(b"event: response.completed\n") and event.rstrip().endswith(b"}")
+
+
+def replayable(body: dict[str, Any] | None) -> bool:
+    """A Responses request whose answer may be served again. Not a ``background`` one (its answer
+    is a job that changes state), not one on a ``conversation`` (the answer is appended to it
+    upstream, and a replay would not append it)."""
+    if body is None:
+        return False
+    return body.get("background") is not True and body.get("conversation") in (None, "")
 
 
 class CacheStage(Stage):
@@ -361,7 +384,9 @@ class CacheStage(Stage):
         model = ctx.model or ""
         if any(fnmatch.fnmatchcase(model, pattern) for pattern in self.settings.exclude_models):
             return False
-        if self.settings.only_temperature_zero and ctx.endpoint != "/v1/embeddings":
+        if ctx.endpoint == RESPONSES and not replayable(ctx.body):
+            return False
+        if self.settings.only_temperature_zero and ctx.endpoint != EMBEDDINGS:
             assert ctx.body is not None
             return ctx.body.get("temperature") == 0
         return True
@@ -408,7 +433,7 @@ class CacheStage(Stage):
             body = None
             if outcome.error is None:
                 if recorder is not None:
-                    body = recorder.body(stream=ctx.stream)
+                    body = recorder.body(stream=ctx.stream, responses=ctx.endpoint == RESPONSES)
                 else:
                     whole = resp.body_bytes
                     body = decoded(whole, encoding) if whole is not None else None

@@ -126,10 +126,14 @@ def count_tokens(path: str, model: str | None) -> int:
     if not isinstance(body, dict):
         print(f"thriftgate: {path} must hold a JSON object (a request body)", file=sys.stderr)
         return 2
+    named = str(model or body.get("model") or "")
     if "messages" in body:
         endpoint = "/v1/chat/completions"
-    elif "input" in body:
-        endpoint = "/v1/embeddings"
+    elif "input" in body:  # embeddings, or a Responses request (instructions, items, a chat model)
+        value = body["input"]
+        texts = isinstance(value, list) and all(isinstance(v, str | int | list) for v in value)
+        embeds = "embedding" in named or (texts and "instructions" not in body)
+        endpoint = "/v1/embeddings" if embeds else "/v1/responses"
     elif "prompt" in body:
         endpoint = "/v1/completions"
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -214,12 +215,19 @@ class ModelLimit:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per 1M tokens (``[prices."model"]`` tables and ``prices.toml``)."""
+    """USD per 1M tokens (``[prices."model"]`` tables and ``prices.toml``), and for images and
+    audio the other units OpenAI bills by."""
 
     name: str
-    input: float
-    output: float = 0.0
+    input: float = 0.0  # text input tokens
+    output: float = 0.0  # output tokens (text, image or audio: what the model makes)
     cached_input: float | None = None  # None: the input price
+    image_input: float | None = None  # image input tokens (None: the input price)
+    audio_input: float | None = None  # audio input tokens (None: the input price)
+    per_minute: float = 0.0  # audio transcribed or translated, per minute
+    per_million_characters: float = 0.0  # speech, per 1M input characters
+    # per image: (("<quality> <size>", usd), ...), e.g. ("standard 1024x1024", 0.04)
+    per_image: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,11 +538,31 @@ def parse_keys(where: str, tables: dict[str, Any]) -> tuple[KeyPolicy, ...]:
 
 
 def parse_prices(where: str, tables: dict[str, Any]) -> tuple[Price, ...]:
-    """``{"model": {"input": 2.5, "cached_input": 1.25, "output": 10}}`` (USD per 1M tokens)."""
-    return tuple(
-        _table(f"{where}: prices.{name}", Price, {"name": name}, table, required=("input",))
-        for name, table in tables.items()
-    )
+    """``{"model": {"input": 2.5, "cached_input": 1.25, "output": 10}}`` (USD per 1M tokens);
+    image models may add ``per_image = {"<quality> <size>" = usd}``."""
+    out = []
+    for name, table in tables.items():
+        at = f"{where}: prices.{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{at}: must be a table")
+        table = dict(table)
+        images = table.pop("per_image", {})
+        if not isinstance(images, dict):
+            raise ConfigError(f'{at}.per_image: must be a table of "<quality> <size>" = USD')
+        per_image = []
+        for label, usd in images.items():
+            parts = label.split()
+            if len(parts) != 2 or not re.fullmatch(r"\d+x\d+", parts[1]):
+                raise ConfigError(f'{at}.per_image: {label!r} is not "<quality> <width>x<height>"')
+            value = _coerce(f"{at}.per_image.{label}", usd, float)
+            if value < 0:
+                raise ConfigError(f"{at}.per_image.{label}: must not be negative")
+            per_image.append((f"{parts[0]} {parts[1]}", value))
+        if not table and not per_image:
+            raise ConfigError(f"{at}: no price given (input, output, per_image, ...)")
+        fixed = {"name": name, "per_image": tuple(per_image)}
+        out.append(_table(at, Price, fixed, table))
+    return tuple(out)
 
 
 def _target(path: str, index: int, table: dict[str, Any]) -> UpstreamTarget:

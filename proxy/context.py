@@ -19,9 +19,11 @@ import orjson
 import structlog
 from aiohttp import web
 
+from proxy.endpoints import ENDPOINTS
 from proxy.errors import InvalidRequest, PayloadTooLarge, ProxyError, RequestTimeout
 from proxy.inbound import NO_CONTROL, Control, check_path, decode_body, read_headers, safe_text
 from proxy.keys import NOBODY, Identity
+from proxy.media import FormFields, MediaFacts
 from proxy.tokens import Count, Uncountable, count_request_async, unreadable_field
 from proxy.types import Handler, Stage
 from proxy.upstream import Outcome, Reply
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from proxy.usage import UsageLog
 
 # POST endpoints whose JSON body the chain parses (cache, tokens, budgets, rate limits).
-OPTIMISED_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/embeddings", "/v1/completions"})
+OPTIMISED_ENDPOINTS = frozenset(path for path, e in ENDPOINTS.items() if e.text)
 
 BAD_JSON = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
@@ -53,7 +55,12 @@ class RequestContext:
     key_alias: str | None = None
     organization: str | None = None
     project: str | None = None
-    optimised: bool = False  # a JSON endpoint whose body the proxy read (``raw``, ``body``)
+    # the kind of paid endpoint (``proxy.endpoints``): "text", "image", "speech",
+    # "transcription"; None for the rest of /v1 (forwarded untouched)
+    kind: str | None = None
+    optimised: bool = False  # a text endpoint whose body the proxy read (``raw``, ``body``)
+    media: MediaFacts | None = None  # images and audio: what the request and answer say
+    form: FormFields | None = None  # a multipart upload's small fields, noted as it streams
     raw: bytes | None = None  # the body to send upstream (the client's bytes unless rewritten)
     rewritten: bool = False  # ``raw`` was re-serialised by a stage: plain JSON, no encoding
     body: dict[str, Any] | None = None
@@ -74,6 +81,7 @@ class RequestContext:
     rate_limited_ms: float = 0.0  # time spent waiting in the rate limiter's queue
     upstream: str | None = None  # the name of the upstream that answered (the last one tried)
     prompt_estimate: int | None = None  # tokens counted before the call
+    prompt_source: str | None = None  # how: "exact", "approximate" or "partial" (a lower bound)
     output_limit: int | None = None  # the output tokens the request asks for at most (0: no limit)
     tried: tuple[str, ...] = ()
     upstream_request_id: str | None = None
@@ -168,8 +176,20 @@ class RequestContextStage(Stage):
             ctx.key_alias = self.keys.alias(who)
             ctx.organization = headers.get("OpenAI-Organization")
             ctx.project = headers.get("OpenAI-Project")
-            if request.method == "POST" and path in OPTIMISED_ENDPOINTS:
-                await self._parse(request, ctx)
+            endpoint = ENDPOINTS.get(path) if request.method == "POST" else None
+            if endpoint is not None:
+                ctx.kind = endpoint.kind
+                if endpoint.text:
+                    await self._parse(request, ctx)
+                else:
+                    ctx.media = MediaFacts()
+                    if endpoint.json:
+                        await self._parse(request, ctx)
+                        ctx.optimised = False  # read, but no text stage acts on it
+                        if ctx.body is not None:
+                            ctx.media.read_request(ctx.body)
+                    else:
+                        ctx.form = FormFields(ctx.media)
             resp = await handler(request)
         except ProxyError as exc:
             self._close(ctx, exc.status, exc.code)

@@ -1,10 +1,11 @@
-"""Opt-in token optimisations, applied to chat requests before the cache looks them up (so the
-cache key is what is actually sent upstream):
+"""Opt-in token optimisations, applied to chat and Responses requests before the cache looks
+them up (so the cache key is what is actually sent upstream):
 
 - history trimming: keep every system/developer message and the most recent N others, never
-  separating an assistant's tool calls from their results, and only above a token threshold;
-- dynamic max_tokens: a chat request with no output limit gets min(cap, context window left, the
-  model's output limit) in the field the model expects.
+  separating an assistant's tool calls from their results (Responses: a window never starts on a
+  function call, its output or a reasoning item), and only above a token threshold;
+- dynamic max_tokens: a request with no output limit gets min(cap, context window left, the
+  model's output limit) in the field the model expects (``max_output_tokens`` for Responses).
 
 Both change what is sent upstream (the body is re-serialised), which is why they are off unless
 configured (``[optimize]``) or asked for (``x-thriftgate-trim: last-10``). A request that needs
@@ -21,14 +22,14 @@ from aiohttp import web
 
 from proxy.config import ModelInfo, OptimizeSettings
 from proxy.context import RequestContext, context_of, counted
+from proxy.endpoints import CHAT, RESPONSES
 from proxy.inbound import Control
 from proxy.tokens import Catalogue, count_request_async
 from proxy.types import Handler, Stage
 
-CHAT = "/v1/chat/completions"
 PINNED_ROLES = frozenset({"system", "developer"})
 RESULT_ROLES = frozenset({"tool", "function"})
-OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens")
+OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _REASONING = re.compile(r"^(o\d|gpt-5)")
 
 
@@ -46,15 +47,28 @@ def _role(message: Any) -> Any:
     return message.get("role") if isinstance(message, dict) else None
 
 
-def trim_history(messages: list[Any], keep: int) -> list[Any]:
+def _attached(message: Any) -> bool:
+    """A chat message that belongs to the one before it (a tool result)."""
+    return _role(message) in RESULT_ROLES
+
+
+def _attached_item(item: Any) -> bool:
+    """A Responses input item that cannot start a window: anything but a message (function calls
+    and their outputs, reasoning items, built-in tool calls go with what came before)."""
+    return not isinstance(item, dict) or item.get("type", "message") != "message" or not _role(item)
+
+
+def trim_history(messages: list[Any], keep: int, *, items: bool = False) -> list[Any]:
     """System/developer messages and the last ``keep`` others, in their order. The cut never
     falls between an assistant's tool calls and the tool results answering them: it moves back to
-    that assistant message (keeping a few more than ``keep``)."""
+    that assistant message (keeping a few more than ``keep``). ``items``: a Responses ``input``
+    list, whose window starts on a message."""
     others = [i for i, m in enumerate(messages) if _role(m) not in PINNED_ROLES]
     if len(others) <= keep:
         return messages
+    attached = _attached_item if items else _attached
     position = len(others) - keep
-    while position > 0 and _role(messages[others[position]]) in RESULT_ROLES:
+    while position > 0 and attached(messages[others[position]]):
         position -= 1
     if position == 0:
         return messages
@@ -62,13 +76,16 @@ def trim_history(messages: list[Any], keep: int) -> list[Any]:
     return [m for i, m in enumerate(messages) if i >= cut or _role(m) in PINNED_ROLES]
 
 
-def output_field(model: str) -> str:
-    """``max_completion_tokens`` for o-series and gpt-5 models (they refuse ``max_tokens``)."""
+def output_field(model: str, endpoint: str = CHAT) -> str:
+    """``max_output_tokens`` for Responses; ``max_completion_tokens`` for o-series and gpt-5
+    models (they refuse ``max_tokens``)."""
+    if endpoint == RESPONSES:
+        return "max_output_tokens"
     return "max_completion_tokens" if _REASONING.match(model) else "max_tokens"
 
 
 def dynamic_max_tokens(
-    body: dict[str, Any], prompt: int, info: ModelInfo | None, cap: int
+    body: dict[str, Any], prompt: int, info: ModelInfo | None, cap: int, endpoint: str = CHAT
 ) -> tuple[str, int] | None:
     """The output limit to set, or None when the request has one or the model is unknown."""
     if info is None or not isinstance(body.get("model"), str):
@@ -79,7 +96,7 @@ def dynamic_max_tokens(
     value = min(cap, room, info.max_output_tokens or room)
     if value < 1:
         return None
-    return output_field(body["model"]), value
+    return output_field(body["model"], endpoint), value
 
 
 class OptimizeStage(Stage):
@@ -99,7 +116,7 @@ class OptimizeStage(Stage):
             and ctx.body is not None
             and ctx.unreadable is None
             and (self.configured or ctx.control.trim_keep is not None)
-            and ctx.endpoint == CHAT
+            and ctx.endpoint in (CHAT, RESPONSES)
         ):
             keep = keep_for(ctx.control, self.settings)
             if keep is not None or self.settings.dynamic_max_tokens:
@@ -113,15 +130,16 @@ class OptimizeStage(Stage):
         assert ctx.body is not None
         body = ctx.body
         done: dict[str, Any] = {}
-        messages = body.get("messages")
+        field = "input" if ctx.endpoint == RESPONSES else "messages"
+        messages = body.get(field)
         if (
             keep is not None
             and isinstance(messages, list)
             and count.tokens > self.settings.trim_threshold_tokens
         ):
-            kept = trim_history(messages, keep)
+            kept = trim_history(messages, keep, items=ctx.endpoint == RESPONSES)
             if len(kept) < len(messages):
-                body = {**body, "messages": kept}
+                body = {**body, field: kept}
                 before = count.tokens
                 count = await count_request_async(ctx.endpoint, body, len(ctx.raw or b""))
                 done.update(
@@ -131,7 +149,11 @@ class OptimizeStage(Stage):
                 )
         if self.settings.dynamic_max_tokens:
             limit = dynamic_max_tokens(
-                body, count.tokens, self.catalogue.lookup(ctx.model), self.settings.max_tokens_cap
+                body,
+                count.tokens,
+                self.catalogue.lookup(ctx.model),
+                self.settings.max_tokens_cap,
+                ctx.endpoint,
             )
             if limit is not None:
                 body = {**body, limit[0]: limit[1]}

@@ -35,6 +35,7 @@ from redis.asyncio import Redis
 
 from proxy.config import ModelLimit, RateLimitSettings
 from proxy.context import RequestContext, context_of, unreadable_error
+from proxy.endpoints import EMBEDDINGS
 from proxy.errors import ProxyError
 from proxy.keys import Keys, Limits
 from proxy.metrics import Metrics
@@ -369,8 +370,12 @@ class RateLimitStage(Stage):
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
-        if ctx is None or not ctx.optimised or (not self.enabled and not self.adaptive):
+        if ctx is None or (not self.enabled and not self.adaptive):
             return await handler(request)
+        if not ctx.optimised:
+            if ctx.media is None or not self.enabled:
+                return await handler(request)
+            return await self._media(request, handler, ctx)
         if ctx.model is None or ctx.unreadable is not None:
             # what cannot be read cannot be charged: refused for a rate-limited key, else sent
             if self.enabled and self.keys.limits(ctx.who).rate_limited:
@@ -396,11 +401,28 @@ class RateLimitStage(Stage):
             self._headers(resp.headers, charge.buckets, verdict.levels, limits)
         return resp
 
+    async def _media(
+        self, request: web.Request, handler: Handler, ctx: RequestContext
+    ) -> web.StreamResponse:
+        """Images and audio: one request against the key's (and a known model's) request rate;
+        tokens only as the answer reports them, settled afterwards."""
+        limits = self.keys.limits(ctx.who)
+        buckets = self._buckets(ctx, limits, 0)
+        verdict: Verdict | None = None
+        if buckets:
+            charge = Charge(buckets, 0)
+            verdict = await self._acquire(ctx, buckets, limits)
+            ctx.settlers.append(lambda c: self._settle(c, charge))
+        resp = await handler(request)
+        if self.settings.expose_headers and verdict is not None:
+            self._headers(resp.headers, buckets, verdict.levels, limits)
+        return resp
+
     # -- what a request is charged ---------------------------------------------------------------
 
     def _tokens(self, ctx: RequestContext) -> int:
         prompt = ctx.prompt_estimate or 0
-        if ctx.endpoint == "/v1/embeddings":
+        if ctx.endpoint == EMBEDDINGS:
             return prompt
         return prompt + (ctx.output_limit or self.settings.default_output_tokens)
 
@@ -416,8 +438,7 @@ class RateLimitStage(Stage):
             cap = limits.tpm_burst or tpm
             name = f"{prefix}key:{key}:tokens"
             out.append(Bucket(name, "key", "tokens", cap, tpm / 60, tokens))
-        assert ctx.model is not None
-        for m in self.model_limits:
+        for m in self.model_limits if ctx.model is not None else ():
             if ctx.model == m.pattern or fnmatch.fnmatchcase(ctx.model, m.pattern):
                 if m.rpm:
                     name = f"{prefix}model:{m.pattern}:requests"

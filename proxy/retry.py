@@ -86,7 +86,7 @@ class RetryStage(Stage):
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
         # only a body the proxy holds can be sent again; requests without a body need none
-        if ctx is None or not self.settings.enabled or (not ctx.optimised and request.body_exists):
+        if ctx is None or not self.settings.enabled or (ctx.raw is None and request.body_exists):
             return await handler(request)
         attempts = self._attempts(ctx)
         if attempts <= 1:

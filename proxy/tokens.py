@@ -24,6 +24,7 @@ import tiktoken
 import tiktoken.model
 
 from proxy.config import ModelInfo, parse_models
+from proxy.endpoints import RESPONSES
 from proxy.types import PrefixTable
 
 ENDOFTEXT = "<|endoftext|>"
@@ -135,6 +136,14 @@ class Count:
     encoding: str
     approximate: bool  # the model is unknown (o200k_base assumed), or parts were estimated
     parts_estimated: bool = False  # images (size unknown) or audio/files: not countable exactly
+    # a Responses request built on earlier state (``previous_response_id``, ``conversation``,
+    # item references): only what it sends is counted, a lower bound of its prompt
+    partial: bool = False
+
+    @property
+    def source(self) -> str:
+        """How far the count can be trusted: exact, approximate, or partial (a lower bound)."""
+        return "partial" if self.partial else "approximate" if self.approximate else "exact"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -156,7 +165,7 @@ def encoding_name_for(model: str | None) -> tuple[str, bool]:
 
 def image_tokens(part: dict[str, Any]) -> int:
     image = part.get("image_url")
-    detail = image.get("detail", "auto") if isinstance(image, dict) else "auto"
+    detail = image.get("detail", "auto") if isinstance(image, dict) else part.get("detail", "auto")
     if detail == "low":
         return IMAGE_BASE_TOKENS
     width, height = DEFAULT_IMAGE_SIZE
@@ -236,6 +245,83 @@ def count_tools(enc: tiktoken.Encoding, tools: list[Any]) -> int:
     return total + (_FUNC_END if tools else 0)
 
 
+# Responses input items that carry no text of their own but point at stored state
+_REFERENCE_ITEMS = frozenset({"item_reference"})
+
+
+def count_items(enc: tiktoken.Encoding, items: list[Any]) -> tuple[int, bool, bool]:
+    """A Responses ``input`` list: messages are counted as chat messages (3 tokens each, 1 for the
+    role, their parts); function calls by name and arguments, their outputs by text, any other
+    item by its JSON (approximate). Returns (tokens, parts estimated, partial)."""
+    total, estimated, partial = 0, False, False
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        kind = item.get("type", "message")
+        if kind == "message" or (kind is None and "role" in item):
+            tokens, approx = count_messages(enc, [{k: v for k, v in item.items() if k in _MSG}])
+            total += tokens - 3  # count_messages primes a reply: once per request here
+            estimated |= approx
+        elif kind == "function_call":
+            total += 3 + _text(enc, item.get("name")) + _text(enc, item.get("arguments"))
+        elif kind == "function_call_output":
+            output = item.get("output")
+            if isinstance(output, list):
+                tokens, approx = count_messages(enc, [{"content": output}])
+                total += tokens - 3
+                estimated |= approx
+            else:
+                total += 3 + _text(enc, output)
+        elif kind in _REFERENCE_ITEMS:
+            partial = True
+        else:  # reasoning, tool calls of built-in tools, ...: their JSON, as an estimate
+            total += 3 + _text(enc, {k: v for k, v in item.items() if k != "id"})
+            estimated = True
+    return total, estimated, partial
+
+
+_MSG = frozenset({"role", "content", "name"})
+
+
+def count_responses(enc: tiktoken.Encoding, body: dict[str, Any]) -> tuple[int, bool, bool]:
+    """A Responses request: ``instructions`` as a system message, ``input`` (a string is one user
+    message; a list is items), the tools, the structured-output schema, 3 tokens to prime the
+    reply. (tokens, parts estimated, partial)."""
+    total, estimated = 3, False
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        total += 4 + _text(enc, instructions)
+    value = body.get("input")
+    if isinstance(value, str):
+        total += 4 + _text(enc, value)
+    partial = isinstance(body.get("previous_response_id"), str) or body.get("conversation") not in (
+        None,
+        "",
+    )
+    for items in (instructions, value):
+        if isinstance(items, list):
+            tokens, approx, refers = count_items(enc, items)
+            total += tokens
+            estimated |= approx
+            partial |= refers
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        functions = [
+            t for t in tools if isinstance(t, dict) and t.get("type", "function") == "function"
+        ]
+        if functions:
+            total += count_tools(enc, functions)
+        others = [t for t in tools if isinstance(t, dict) and t not in functions]
+        if others:  # built-in tools (web search, file search, MCP, ...): their JSON, estimated
+            total += _text(enc, others)
+            estimated = True
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if isinstance(fmt, dict) and fmt.get("schema") is not None:
+        total += _text(enc, fmt.get("schema"))
+    return total, estimated, partial
+
+
 def count_embeddings_input(enc: tiktoken.Encoding, value: Any) -> int:
     """A string, a list of strings, a token-id array (its length), or a list of those."""
     if isinstance(value, str):
@@ -272,6 +358,20 @@ def _tool_problem(tools: Any, field: str) -> str | None:
     return None
 
 
+def _items_problem(items: Any, field: str) -> str | None:
+    if not _dicts(items):
+        return field
+    for i, item in enumerate(items):
+        content = item.get("content")
+        if content is not None and not isinstance(content, str) and not _dicts(content):
+            return f"{field}[{i}].content"
+        output = item.get("output")
+        is_output = item.get("type") == "function_call_output" and output is not None
+        if is_output and not isinstance(output, str) and not _dicts(output):
+            return f"{field}[{i}].output"
+    return None
+
+
 def unreadable_field(endpoint: str, body: dict[str, Any]) -> str | None:
     """The first field of a request body the counter cannot read as OpenAI defines it (a wrong
     type), or None. OpenAI refuses such a body itself; the proxy only needs to know not to act
@@ -279,6 +379,21 @@ def unreadable_field(endpoint: str, body: dict[str, Any]) -> str | None:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         return "model"
+    if endpoint == RESPONSES:
+        for field in ("instructions", "input"):
+            value = body.get(field)
+            if value is None or isinstance(value, str):
+                continue
+            problem = _items_problem(value, field)
+            if problem is not None:
+                return problem
+        tools = body.get("tools")
+        if tools is not None:
+            if not _dicts(tools):
+                return "tools"
+            functions = [t for t in tools if t.get("type", "function") == "function"]
+            return _tool_problem(functions, "tools")
+        return None
     if endpoint.endswith("/embeddings"):
         value = body.get("input")
         return None if value is None or isinstance(value, str | list) else "input"
@@ -313,14 +428,18 @@ class Uncountable(ValueError):
 
 
 def count_request(endpoint: str, body: dict[str, Any], model: str | None = None) -> Count:
-    """The prompt tokens of a request body for ``endpoint`` (chat, embeddings, completions)."""
+    """The prompt tokens of a request body for ``endpoint`` (chat, embeddings, completions,
+    Responses)."""
     if model is None:
         named = body.get("model")
         model = named if isinstance(named, str) else None
     name, approximate = encoding_name_for(model)
     enc = encoding(name)
     estimated = False
-    if endpoint.endswith("/embeddings"):
+    partial = False
+    if endpoint == RESPONSES:
+        tokens, estimated, partial = count_responses(enc, body)
+    elif endpoint.endswith("/embeddings"):
         tokens = count_embeddings_input(enc, body.get("input"))
     elif endpoint.endswith("/completions") and "messages" not in body:
         tokens = count_embeddings_input(enc, body.get("prompt", ""))
@@ -329,7 +448,7 @@ def count_request(endpoint: str, body: dict[str, Any], model: str | None = None)
         tools = body.get("tools") or body.get("functions") or []
         if isinstance(tools, list) and tools:
             tokens += count_tools(enc, tools)
-    return Count(tokens, name, approximate or estimated, estimated)
+    return Count(tokens, name, approximate or estimated, estimated, partial)
 
 
 _UNCOUNTABLE = (TypeError, ValueError, AttributeError, RecursionError, KeyError)

@@ -230,8 +230,15 @@ class _BodyCounter:
     """Streams a request body upstream, stopping it past the size limit or after a pause longer
     than ``idle_s`` (the client stopped sending)."""
 
-    def __init__(self, source: aiohttp.StreamReader, limit: int, idle_s: float) -> None:
+    def __init__(
+        self,
+        source: aiohttp.StreamReader,
+        limit: int,
+        idle_s: float,
+        observe: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.source = source
+        self.observe = observe  # sees each chunk as it goes (a multipart upload's form fields)
         self.limit = limit
         self.idle_s = idle_s
         self.seen = 0
@@ -254,6 +261,8 @@ class _BodyCounter:
             if self.seen > self.limit:
                 self.exceeded = True
                 raise PayloadTooLarge(f"The request body is larger than {self.limit} bytes")
+            if self.observe is not None:
+                self.observe(chunk)
             yield chunk
 
 
@@ -339,6 +348,7 @@ class Upstream:
         rewritten: bool = False,
         body_idle_s: float = 60.0,
         control: tuple[str, ...] | None = None,
+        observe: Callable[[bytes], None] | None = None,
     ) -> Reply:
         """Send the request upstream and return the reply once its status and headers arrived.
 
@@ -353,7 +363,7 @@ class Upstream:
                     f"The request body ({length} bytes) is larger than this proxy's limit of "
                     f"{max_body} bytes"
                 )
-            data = _BodyCounter(request.content, max_body, body_idle_s)
+            data = _BodyCounter(request.content, max_body, body_idle_s, observe)
         headers = self.request_headers(
             request,
             target.api_key,

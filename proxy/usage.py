@@ -8,6 +8,7 @@ Compressed answers are decoded from a copy; what the client receives is never to
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import zlib
 from typing import IO, Any
@@ -73,6 +74,7 @@ class UsageRecorder:
         "_decoder",
         "_line",
         "_too_big",
+        "answer",
         "json",
         "model",
         "sse",
@@ -93,10 +95,9 @@ class UsageRecorder:
         self.text_chars = 0
         self._line = b""
         self.model: str | None = None  # the answer's own "model", once usage() has read it
+        self.answer: dict[str, Any] | None = None  # a JSON answer, once usage() has read it
 
     def feed(self, chunk: bytes) -> None:
-        if self._too_big:
-            return
         data = self._decoder.feed(chunk) if self._decoder is not None else chunk
         if not data:
             return
@@ -107,8 +108,12 @@ class UsageRecorder:
             if len(self._buf) > 2 * SSE_TAIL:
                 del self._buf[: len(self._buf) - SSE_TAIL]
         elif len(self._buf) > JSON_LIMIT:
+            # a JSON answer this large (images as base64) is not parsed whole: its tail, where
+            # the usage object is written, is kept
             self._too_big = True
-            self._buf.clear()
+            del self._buf[: len(self._buf) - SSE_TAIL]
+        elif self._too_big and len(self._buf) > 2 * SSE_TAIL:
+            del self._buf[: len(self._buf) - SSE_TAIL]
 
     def _collect(self, data: bytes) -> None:
         """The streamed text of complete ``data:`` events: content, refusals, tool arguments,
@@ -153,8 +158,10 @@ class UsageRecorder:
         return "".join(self.text) if self.text else None
 
     def usage(self) -> dict[str, Any] | None:
-        if (self._decoder is not None and self._decoder.failed) or self._too_big or not self._buf:
+        if (self._decoder is not None and self._decoder.failed) or not self._buf:
             return None
+        if self._too_big:
+            return _usage_from_tail(bytes(self._buf))
         if self.json:
             try:
                 body = orjson.loads(self._buf)
@@ -167,6 +174,7 @@ class UsageRecorder:
             found = body.get("usage")
             if isinstance(body.get("model"), str):
                 self.model = body["model"]
+            self.answer = body
             return found if isinstance(found, dict) else None
         return _usage_from_sse(bytes(self._buf))
 
@@ -185,6 +193,22 @@ def usage_of(content_type: str | None, body: bytes) -> dict[str, Any] | None:
     recorder = UsageRecorder(content_type, None)
     recorder.feed(body)
     return recorder.usage()
+
+
+_USAGE_KEY = b'"usage":'
+
+
+def _usage_from_tail(tail: bytes) -> dict[str, Any] | None:
+    """The last ``"usage": {...}`` object in the tail of a JSON answer too large to parse whole."""
+    at = tail.rfind(_USAGE_KEY)
+    if at < 0:
+        return None
+    text = tail[at + len(_USAGE_KEY) :].decode("utf-8", "replace").lstrip()
+    try:
+        found, _ = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _usage_from_sse(tail: bytes) -> dict[str, Any] | None:
@@ -247,22 +271,59 @@ def spent(ctx: RequestContext) -> dict[str, Any] | None:
     return None
 
 
+def charged(ctx: RequestContext, prices: PriceTable | None) -> float | None:
+    """What a finished call cost in USD by the price table, or None when it cannot be known: text
+    endpoints by their token usage, images and audio by their own units (``media_cost``)."""
+    if prices is None:
+        return None
+    if ctx.media is not None and ctx.kind is not None:
+        if ctx.usage is None and (ctx.status or 0) >= 300:
+            return None
+        return prices.media_cost(ctx.kind, ctx.usage, ctx.media)
+    return prices.cost(ctx.model, token_fields(ctx.usage))
+
+
 def estimated_usage(ctx: RequestContext, text: str | None) -> dict[str, Any] | None:
     """Usage for a stream that carried none (the client did not ask for it, or the stream ended
     before it came: client gone, upstream cut, shutdown): the prompt counted before the call and
     the text actually streamed, counted with the model's encoding (``tokens_source:
     estimated``)."""
-    if text is None and ctx.prompt_estimate is None:
+    if (text is None and ctx.prompt_estimate is None) or ctx.kind != "text":
         return None
     name, _ = tokens.encoding_name_for(ctx.model)
     completion = len(tokens.encoding(name).encode_ordinary(text)) if text else 0
     prompt = ctx.prompt_estimate or 0
-    ctx.tokens_source = "estimated"
+    # a prompt counted in part (a Responses request on earlier state) makes a partial estimate
+    ctx.tokens_source = "estimated_partial" if ctx.prompt_source == "partial" else "estimated"
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+
+
+def media_seen(ctx: RequestContext, answer: dict[str, Any] | None) -> None:
+    """An images or audio answer: its facts noted, and shown in the usage line."""
+    media = ctx.media
+    assert media is not None
+    if answer is not None:
+        media.read_answer(answer)
+    if ctx.model is None:
+        ctx.model = media.model
+    if media.images is not None:
+        ctx.extra["images"] = media.images
+    if media.size is not None and ctx.kind == "image":
+        ctx.extra["image_size"] = media.size
+    if media.quality is not None and ctx.kind == "image":
+        ctx.extra["image_quality"] = media.quality
+    seconds = media.seconds
+    usage = ctx.usage
+    if usage is not None and usage.get("type") == "duration":
+        seconds = usage.get("seconds")
+    if seconds is not None:
+        ctx.extra["audio_seconds"] = seconds
+    if media.characters is not None:
+        ctx.extra["characters"] = media.characters
 
 
 class UsageStripper:
@@ -380,7 +441,7 @@ class UsageLog:
 
     def record(self, ctx: RequestContext) -> dict[str, Any]:
         tokens = token_fields(ctx.usage)
-        cost = self.prices.cost(ctx.model, tokens) if self.prices is not None else None
+        cost = charged(ctx, self.prices)
         saved = None
         if ctx.cache == "hit" and cost is not None:
             cost, saved = 0.0, cost  # a hit costs nothing; it saved what the original answer cost
@@ -402,6 +463,7 @@ class UsageLog:
             **tokens,
             "tokens_source": ctx.tokens_source if ctx.usage else None,
             "prompt_tokens_estimate": ctx.prompt_estimate,
+            "prompt_tokens_estimate_source": ctx.prompt_source,
             "cost_usd": cost,
             "saved_usd": saved,
             "latency_ms": ctx.latency_ms,
@@ -432,9 +494,11 @@ class UsageLog:
                     recorder.feed(reply.body_bytes)
                 ctx.usage = recorder.usage()
                 if ctx.model is None and ctx.usage is not None:
-                    ctx.model = recorder.model  # endpoints the proxy does not parse (Responses)
+                    ctx.model = recorder.model  # endpoints the proxy does not parse
                 if ctx.usage is None and recorder.sse:
                     ctx.usage = estimated_usage(ctx, recorder.streamed_text())
+            if ctx.media is not None:
+                media_seen(ctx, recorder.answer if reply.status < 300 else None)
             delivered(outcome)
 
         reply.on_done.append(done)

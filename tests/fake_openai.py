@@ -15,6 +15,7 @@ import asyncio
 import base64
 import gzip
 import hashlib
+import math
 import random
 import struct
 import time
@@ -41,6 +42,17 @@ class Fault:
     delay: float = 0.0  # wait this long before answering
     cut_after: int | None = None  # streams: drop the connection after this many chunks
 
+
+# uploads the fake reads part by part as they arrive (its middleware does not read them first)
+STREAMED_UPLOADS = frozenset(
+    {
+        "/v1/files",
+        "/v1/images/edits",
+        "/v1/images/variations",
+        "/v1/audio/transcriptions",
+        "/v1/audio/translations",
+    }
+)
 
 FAULT: web.RequestKey[Fault | None] = web.RequestKey("fault")
 
@@ -134,6 +146,75 @@ def chat_payload(req: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def responses_text(req: dict[str, Any]) -> str:
+    """What the fake answers a Responses request: it echoes the last user text."""
+    value = req.get("input")
+    if isinstance(value, list):
+        texts = []
+        for item in value:
+            if isinstance(item, dict) and item.get("role") == "user":
+                content = item.get("content")
+                if isinstance(content, list):
+                    content = " ".join(
+                        str(p.get("text", "")) for p in content if isinstance(p, dict)
+                    )
+                texts = [str(content)]
+        value = texts[-1] if texts else ""
+    return answer_for([{"role": "user", "content": str(value or "")}])
+
+
+def responses_usage(req: dict[str, Any], output_tokens: int) -> dict[str, Any]:
+    """Usage by the fake's simple rule: a quarter token per byte of input and instructions, and
+    20 tokens of stored state for a request on a previous response."""
+    sent = len(orjson.dumps(req.get("input"))) + len(str(req.get("instructions") or ""))
+    input_tokens = max(1, sent // 4) + (20 if req.get("previous_response_id") else 0)
+    return {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": input_tokens + output_tokens,
+    }
+
+
+def response_object(
+    req: dict[str, Any], ident: str, status: str, output: list[Any], usage: Any
+) -> dict[str, Any]:
+    """A Response object with every field OpenAI returns."""
+    return {
+        "id": ident,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "background": bool(req.get("background")),
+        "error": None,
+        "incomplete_details": None,
+        "instructions": req.get("instructions"),
+        "max_output_tokens": req.get("max_output_tokens"),
+        "max_tool_calls": None,
+        "model": f"{req.get('model')}-2024-08-06",
+        "output": output,
+        "parallel_tool_calls": True,
+        "previous_response_id": req.get("previous_response_id"),
+        "reasoning": {"effort": None, "summary": None},
+        "service_tier": "default",
+        "store": req.get("store", True),
+        "temperature": req.get("temperature", 1.0),
+        "text": {"format": {"type": "text"}, "verbosity": "medium"},
+        "tool_choice": "auto",
+        "tools": req.get("tools", []),
+        "top_logprobs": 0,
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": usage,
+        "user": req.get("user"),
+        "metadata": req.get("metadata") or {},
+    }
+
+
+AUDIO_BYTES_PER_SECOND = 16_000  # the fake's idea of an upload's duration
+
+
 def _public(batch: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if not k.startswith("_")}
 
@@ -161,6 +242,9 @@ class FakeOpenAI:
         self.in_flight = 0  # requests being answered now, and the most at once
         self.max_in_flight = 0
         self.slow: asyncio.Event | None = None  # every request waits on it (to measure overlap)
+        self.responses_made: dict[str, dict[str, Any]] = {}  # stored responses (store: true)
+        self.form_seen = asyncio.Event()  # an upload's first form part has arrived
+        self.uploads: list[dict[str, Any]] = []  # each upload's form fields and file sizes
 
     # -- control -----------------------------------------------------------------------------
     def fail_next(self, *faults: Fault) -> None:
@@ -177,7 +261,14 @@ class FakeOpenAI:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/responses/input_tokens", self.input_tokens)
+        app.router.add_get("/v1/responses/{response_id}", self.get_response)
         app.router.add_post("/v1/images/generations", self.images)
+        app.router.add_post("/v1/images/edits", self.image_upload)
+        app.router.add_post("/v1/images/variations", self.image_upload)
+        app.router.add_post("/v1/audio/speech", self.speech)
+        app.router.add_post("/v1/audio/transcriptions", self.transcription)
+        app.router.add_post("/v1/audio/translations", self.transcription)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model}", self.model)
         app.router.add_delete("/v1/models/{model}", self.delete_model)
@@ -200,7 +291,7 @@ class FakeOpenAI:
     # -- plumbing ----------------------------------------------------------------------------
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        body = await request.read() if request.path != "/v1/files" else b""
+        body = await request.read() if request.path not in STREAMED_UPLOADS else b""
         self.requests.append(
             Recorded(request.method, request.raw_path, CIMultiDict(request.headers), body)
         )
@@ -367,53 +458,227 @@ class FakeOpenAI:
         return self._json(request, payload)
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
-        """The Responses API, non-streaming: input/output token usage."""
-        req = orjson.loads(await request.read())
-        text = answer_for([{"role": "user", "content": str(req.get("input", ""))}])
-        input_tokens = max(1, len(str(req.get("input", ""))) // 4)
-        payload = {
-            "id": f"resp_{uuid.uuid4().hex[:24]}",
-            "object": "response",
-            "created_at": int(time.time()),
+        """The Responses API: JSON, or the event stream (``response.created`` ...
+        ``response.output_text.delta`` ... ``response.completed``); ``background`` answers a
+        queued response without usage."""
+        try:
+            req = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return self._bad("We could not parse the JSON body of your request.")
+        if not isinstance(req, dict) or not req.get("model"):
+            return self._bad("Missing required parameter: 'model'.", "model")
+        value = req.get("input")
+        if value is not None and not isinstance(value, str | list):
+            return self._bad("Invalid type for 'input': expected a string or an array.", "input")
+        previous = req.get("previous_response_id")
+        if previous is not None and previous not in self.responses_made:
+            return web.Response(
+                status=404,
+                body=error_body(
+                    f"Previous response with id '{previous}' not found.",
+                    "invalid_request_error",
+                    "previous_response_not_found",
+                    "previous_response_id",
+                ),
+                content_type="application/json",
+                headers=self._headers(),
+            )
+        text = responses_text(req)
+        pieces = [w + " " for w in text.split(" ")]
+        pieces[-1] = pieces[-1].rstrip()
+        usage = responses_usage(req, len(pieces))
+        ident = f"resp_{uuid.uuid4().hex}"
+        item_id = f"msg_{uuid.uuid4().hex}"
+        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+        item = {
+            "id": item_id,
+            "type": "message",
             "status": "completed",
-            "model": f"{req.get('model')}-2024-08-06",
-            "output": [
-                {
-                    "type": "message",
-                    "id": f"msg_{uuid.uuid4().hex[:24]}",
-                    "status": "completed",
-                    "role": "assistant",
-                    "content": [{"type": "output_text", "text": text, "annotations": []}],
-                }
-            ],
-            "usage": {
-                "input_tokens": input_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": len(text.split(" ")),
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": input_tokens + len(text.split(" ")),
-            },
+            "role": "assistant",
+            "content": [part],
         }
-        return self._json(request, payload)
+        if req.get("background"):
+            payload = response_object(req, ident, "queued", [], None)
+            return self._json(request, payload)
+        final = response_object(req, ident, "completed", [item], usage)
+        if req.get("store", True):
+            self.responses_made[ident] = final
+        if not req.get("stream"):
+            return self._json(request, final)
+        seq = iter(range(10**6))
+
+        def event(kind: str, **fields: Any) -> bytes:
+            data = {"type": kind, "sequence_number": next(seq), **fields}
+            return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+        started = response_object(req, ident, "in_progress", [], None)
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        events = [
+            event("response.created", response=started),
+            event("response.in_progress", response=started),
+            event(
+                "response.output_item.added",
+                output_index=0,
+                item={**item, "status": "in_progress", "content": []},
+            ),
+            event("response.content_part.added", **where, part={**part, "text": ""}),
+            *[event("response.output_text.delta", **where, delta=p, logprobs=[]) for p in pieces],
+            event("response.output_text.done", **where, text=text, logprobs=[]),
+            event("response.content_part.done", **where, part=part),
+            event("response.output_item.done", output_index=0, item=item),
+            event("response.completed", response=final),
+        ]
+        return await self._write_events(request, events)
+
+    async def input_tokens(self, request: web.Request) -> web.Response:
+        req = orjson.loads(await request.read())
+        usage = responses_usage(req, 0)
+        return self._json(
+            request, {"object": "response.input_tokens", "input_tokens": usage["input_tokens"]}
+        )
+
+    async def get_response(self, request: web.Request) -> web.Response:
+        found = self.responses_made.get(request.match_info["response_id"])
+        if found is None:
+            return self._bad("No response found with that id.", "response_id")
+        return self._json(request, found)
 
     async def images(self, request: web.Request) -> web.Response:
-        """gpt-image-1: one base64 image, and token usage as the Images API reports it."""
+        """Image generation: GPT image models report token usage, size and quality; DALL·E
+        models answer the images alone."""
         req = orjson.loads(await request.read())
-        prompt = str(req.get("prompt", ""))
-        text_tokens = max(1, len(prompt) // 4)
-        return self._json(
-            request,
-            {
-                "created": int(time.time()),
-                "data": [{"b64_json": base64.b64encode(b"\x89PNG fake").decode()}],
-                "usage": {
-                    "input_tokens": text_tokens,
-                    "input_tokens_details": {"image_tokens": 0, "text_tokens": text_tokens},
-                    "output_tokens": 1056,
-                    "total_tokens": text_tokens + 1056,
-                },
-            },
+        return self._json(request, self._images(req, str(req.get("prompt", "")), 0))
+
+    def _images(self, req: dict[str, Any], prompt: str, image_tokens: int) -> dict[str, Any]:
+        model = str(req.get("model") or "dall-e-2")
+        n = int(req.get("n") or 1)
+        size = str(req.get("size") or "1024x1024")
+        item = (
+            {"b64_json": base64.b64encode(b"\x89PNG fake").decode()}
+            if req.get("response_format") == "b64_json" or model.startswith("gpt-image")
+            else {"url": f"https://images.example/{uuid.uuid4().hex}.png"}
         )
+        payload: dict[str, Any] = {"created": int(time.time()), "data": [item] * n}
+        if model.startswith("gpt-image"):
+            quality = str(req.get("quality") or "auto")
+            quality = "medium" if quality == "auto" else quality
+            size = "1024x1024" if size == "auto" else size
+            text_tokens = max(1, len(prompt) // 4)
+            output = {"low": 272, "medium": 1056, "high": 4160}.get(quality, 1056) * n
+            payload.update(
+                background="opaque",
+                output_format="png",
+                quality=quality,
+                size=size,
+                usage={
+                    "input_tokens": text_tokens + image_tokens,
+                    "input_tokens_details": {
+                        "image_tokens": image_tokens,
+                        "text_tokens": text_tokens,
+                    },
+                    "output_tokens": output,
+                    "total_tokens": text_tokens + image_tokens + output,
+                },
+            )
+        return payload
+
+    async def _form(self, request: web.Request) -> tuple[dict[str, str], dict[str, int]]:
+        """A multipart upload read part by part as it arrives: its fields and file sizes."""
+        fields: dict[str, str] = {}
+        files: dict[str, int] = {}
+        reader = await request.multipart()
+        async for part in reader:
+            if part.filename is not None:  # type: ignore[union-attr]
+                size = 0
+                while chunk := await part.read_chunk():  # type: ignore[union-attr]
+                    size += len(chunk)
+                    self.form_seen.set()
+                files[str(part.name)] = files.get(str(part.name), 0) + size
+            else:
+                fields[str(part.name)] = (await part.read()).decode()  # type: ignore[union-attr]
+                self.form_seen.set()
+        self.uploads.append({"fields": fields, "files": files})
+        self.requests[-1].body = orjson.dumps({"fields": fields, "files": files})
+        return fields, files
+
+    async def image_upload(self, request: web.Request) -> web.Response:
+        """Image edits and variations (multipart): images in, priced like generation."""
+        fields, files = await self._form(request)
+        if not files:
+            return self._bad("Missing required parameter: 'image'.", "image")
+        image_tokens = 0
+        if fields.get("model", "").startswith("gpt-image"):
+            image_tokens = 323 * len(files)
+        return self._json(request, self._images(fields, fields.get("prompt", ""), image_tokens))
+
+    async def speech(self, request: web.Request) -> web.StreamResponse:
+        """Text to speech: the audio's bytes, or with ``stream_format: sse`` audio delta events
+        and a done event with token usage."""
+        req = orjson.loads(await request.read())
+        text = req.get("input")
+        if not isinstance(text, str) or not text:
+            return self._bad("Missing required parameter: 'input'.", "input")
+        audio = hashlib.sha256(text.encode()).digest() * max(1, len(text) // 8)
+        if req.get("stream_format") == "sse":
+            usage = {
+                "input_tokens": max(1, len(text) // 4),
+                "output_tokens": len(audio) // 32,
+                "total_tokens": max(1, len(text) // 4) + len(audio) // 32,
+            }
+            events = [
+                b"data: "
+                + orjson.dumps(
+                    {
+                        "type": "speech.audio.delta",
+                        "audio": base64.b64encode(audio[i : i + 96]).decode(),
+                    }
+                )
+                + b"\n\n"
+                for i in range(0, len(audio), 96)
+            ]
+            events.append(
+                b"data: " + orjson.dumps({"type": "speech.audio.done", "usage": usage}) + b"\n\n"
+            )
+            return await self._write_events(request, events)
+        return web.Response(body=audio, content_type="audio/mpeg", headers=self._headers())
+
+    async def transcription(self, request: web.Request) -> web.StreamResponse:
+        """Transcriptions and translations (multipart): ``json`` (with usage: duration for
+        whisper-1, tokens for the GPT transcribe models), ``verbose_json`` (with the duration),
+        or plain ``text``."""
+        fields, files = await self._form(request)
+        if "file" not in files:
+            return self._bad("Missing required parameter: 'file'.", "file")
+        model = fields.get("model", "")
+        seconds = round(files["file"] / AUDIO_BYTES_PER_SECOND, 2)
+        text = f"A recording of {seconds} seconds."
+        fmt = fields.get("response_format", "json")
+        if fmt == "text":
+            return web.Response(
+                text=text + "\n", content_type="text/plain", headers=self._headers()
+            )
+        if model.startswith("gpt-"):
+            audio_tokens = max(1, int(seconds * 10))
+            usage: dict[str, Any] = {
+                "type": "tokens",
+                "input_tokens": audio_tokens,
+                "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens},
+                "output_tokens": len(text.split()),
+                "total_tokens": audio_tokens + len(text.split()),
+            }
+        else:
+            usage = {"type": "duration", "seconds": math.ceil(seconds)}
+        payload: dict[str, Any] = {"text": text, "usage": usage}
+        if fmt == "verbose_json":
+            payload = {
+                "task": "transcribe",
+                "language": "english",
+                "duration": seconds,
+                "text": text,
+                "segments": [],
+                "usage": usage,
+            }
+        return self._json(request, payload)
 
     async def _stream(
         self,
@@ -422,16 +687,6 @@ class FakeOpenAI:
         pieces: list[str],
         usage: dict[str, Any] | None,
     ) -> web.StreamResponse:
-        fault = request[FAULT]
-        headers = self._headers()
-        if self.compress_streams:
-            headers["Content-Encoding"] = "gzip"
-        resp = web.StreamResponse(headers=headers)
-        resp.content_type = "text/event-stream"
-        resp.charset = "utf-8"
-        await resp.prepare(request)
-        compressor = gzip_stream() if self.compress_streams else None
-
         def chunk(choices: list[dict[str, Any]], with_usage: Any = ...) -> bytes:
             event: dict[str, Any] = {**base, "object": "chat.completion.chunk", "choices": choices}
             if usage is not None:
@@ -460,6 +715,24 @@ class FakeOpenAI:
         if usage is not None:
             events.append(chunk([], usage))
         events.append(b"data: [DONE]\n\n")
+        return await self._write_events(request, events)
+
+    async def _write_events(
+        self,
+        request: web.Request,
+        events: list[bytes],
+    ) -> web.StreamResponse:
+        """Send SSE events one write each, honouring the faults (``cut_after``) and the gate."""
+        fault = request[FAULT]
+        headers = self._headers()
+        compressor = None
+        if self.compress_streams:
+            headers["Content-Encoding"] = "gzip"
+            compressor = gzip_stream()
+        resp = web.StreamResponse(headers=headers)
+        resp.content_type = "text/event-stream"
+        resp.charset = "utf-8"
+        await resp.prepare(request)
         try:
             for n, event in enumerate(events):
                 if fault is not None and fault.cut_after is not None and n >= fault.cut_after:

@@ -212,17 +212,18 @@ async def test_a_stream_cut_upstream_is_charged_what_it_delivered(
 async def test_paid_endpoints_are_charged_after_the_fact_and_refused_once_spent(
     make_proxy: MakeProxy, fake: FakeOpenAI
 ) -> None:
-    proxy = await make_proxy(env={"THRIFTGATE_TOKENS_PER_DAY": "1060"})
+    proxy = await make_proxy(env={"THRIFTGATE_TOKENS_PER_DAY": "1100"})
+    body = {"model": "gpt-4o", "input": "hi " * 40, "max_output_tokens": 16}
+    status, _, raw = await post(proxy, body, "/v1/responses")
+    assert status == 200
+    used = orjson.loads(raw)["usage"]["total_tokens"]
+    assert tokens_spent(proxy) == used
     status, _, raw = await post(
         proxy, {"model": "gpt-image-1", "prompt": "a cat"}, "/v1/images/generations"
     )
     assert status == 200
-    used = orjson.loads(raw)["usage"]["total_tokens"]
-    assert tokens_spent(proxy) == used
-    status, _, raw = await post(proxy, {"model": "gpt-4o", "input": "hi " * 40}, "/v1/responses")
-    assert status == 200
     used += orjson.loads(raw)["usage"]["total_tokens"]
-    assert tokens_spent(proxy) == used
+    assert tokens_spent(proxy) == used > 1100
     status, headers, raw = await post(
         proxy, {"model": "gpt-image-1", "prompt": "a dog"}, "/v1/images/generations"
     )
@@ -236,12 +237,12 @@ async def test_paid_endpoints_are_charged_after_the_fact_and_refused_once_spent(
 async def test_a_usd_budget_covers_the_responses_api(
     make_proxy: MakeProxy, fake: FakeOpenAI
 ) -> None:
-    proxy = await make_proxy(env={"THRIFTGATE_USD_PER_DAY": "0.0001"})
-    body = {"model": "gpt-4o", "input": "word " * 200}
-    assert (await post(proxy, body, "/v1/responses"))[0] == 200
+    proxy = await make_proxy(env={"THRIFTGATE_USD_PER_DAY": "0.002"})
+    body = {"model": "gpt-4o", "input": "word " * 200, "max_output_tokens": 16}
+    assert (await post(proxy, body, "/v1/responses"))[0] == 200  # reserves ~$0.0007
     record = (await proxy.usage.wait(1))[-1]
-    assert record["cost_usd"] > 0.0001
-    status, _, _ = await post(proxy, body, "/v1/responses")
+    assert record["cost_usd"] > 0.002  # the answer went past it (the fake ignores the limit)
+    status, _, _ = await post(proxy, {**body, "input": "other"}, "/v1/responses")
     assert status == 429
     assert fake.calls("/v1/responses") == 1
 

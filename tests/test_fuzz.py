@@ -39,6 +39,7 @@ ENDPOINTS = [
     "/v1/completions",
     "/v1/responses",
     "/v1/images/generations",
+    "/v1/audio/speech",
 ]
 CONTROL = [
     "x-thriftgate-cache-ttl",

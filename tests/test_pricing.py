@@ -73,7 +73,9 @@ def test_config_overrides_and_adds_prices(tmp_path: Path) -> None:
     assert table.cost("gpt-4o", {"prompt_tokens": 1_000_000}) == 1.0
     assert table.cost("house-model-v2", {"prompt_tokens": 2, "cached_tokens": 1}) == 0.55e-6
     for text, message in [
-        ('[prices."x"]\noutput = 1.0\n', "input is required"),
+        ('[prices."x"]\n', "no price given"),
+        ('[prices."x".per_image]\n"big" = 1.0\n', "is not"),
+        ('[prices."x".per_image]\n"hd 1024x1024" = -1\n', "must not be negative"),
         ('[prices."x"]\ninput = -1\n', "must not be negative"),
         ('[prices."x"]\ninput = 1\nbatch = 2\n', "unknown setting batch"),
     ]:
