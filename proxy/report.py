@@ -36,6 +36,9 @@ class Totals:
     cache_hits: int = 0
     cacheable: int = 0  # requests with a cache outcome (hit, miss, bypass)
     errors: int = 0  # status >= 400
+    images: int = 0  # images made (images endpoints)
+    audio_seconds: float = 0.0  # audio transcribed or translated
+    unpriced: int = 0  # answered calls whose cost is unknown (a model without a price, ...)
     latency_bins: dict[int, int] = field(default_factory=dict)
     latency_count: int = 0
 
@@ -53,6 +56,10 @@ class Totals:
         status = r.get("status")
         if isinstance(status, int) and status >= 400:
             self.errors += 1
+        elif isinstance(status, int) and r.get("cost_usd") is None and r.get("cache") != "hit":
+            self.unpriced += 1
+        self.images += _int(r.get("images"))
+        self.audio_seconds += _float(r.get("audio_seconds"))
         latency = r.get("latency_ms")
         if isinstance(latency, int | float) and latency >= 0:
             b = math.floor(math.log(max(latency, 0.001)) / BIN)
@@ -82,6 +89,9 @@ class Totals:
             if self.cacheable
             else None,
             "error_rate": round(self.errors / self.requests, 4) if self.requests else None,
+            "images": self.images,
+            "audio_minutes": round(self.audio_seconds / 60, 3),
+            "unpriced": self.unpriced,
             "p50_ms": self.percentile(0.50),
             "p95_ms": self.percentile(0.95),
         }
@@ -200,9 +210,15 @@ COLUMNS = (
     ("saved_usd", "saved $", "{:,.4f}"),
     ("cache_hit_rate", "hit rate", "{:.1%}"),
     ("error_rate", "errors", "{:.1%}"),
+    ("images", "images", "{:,}"),
+    ("audio_minutes", "audio min", "{:,.1f}"),
+    ("unpriced", "unpriced", "{:,}"),
     ("p50_ms", "p50 ms", "{:,.1f}"),
     ("p95_ms", "p95 ms", "{:,.1f}"),
 )
+
+
+OPTIONAL = frozenset({"images", "audio_minutes", "unpriced"})
 
 
 def render(report: Report, fmt: str, out: IO[str]) -> None:
@@ -227,11 +243,13 @@ def render(report: Report, fmt: str, out: IO[str]) -> None:
         writer.writeheader()
         writer.writerows(rows)
         return
-    headers = [*report.by, *(title for _, title, _ in COLUMNS)]
+    # the images, audio and unpriced columns only when the log has any
+    columns = [c for c in COLUMNS if c[0] not in OPTIONAL or rows[-1][c[0]]]
+    headers = [*report.by, *(title for _, title, _ in columns)]
     table = [
         [
             *(str(row[name]) for name in report.by),
-            *("-" if row[k] is None else f.format(row[k]) for k, _, f in COLUMNS),
+            *("-" if row[k] is None else f.format(row[k]) for k, _, f in columns),
         ]
         for row in rows
     ]

@@ -158,3 +158,35 @@ async def test_user_and_tags_reach_the_log(proxy: Proxy) -> None:
         assert r.status == 200
     record = (await proxy.usage.wait(1))[-1]
     assert (record["user"], record["tags"]) == ("u-42", ["team=search", "nightly"])
+
+
+async def test_the_report_covers_responses_images_and_audio(proxy: Proxy, tmp_path: Path) -> None:
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY) as client:
+        await client.responses.create(model="gpt-4o", input="hello")
+        await client.responses.create(model="gpt-4o", input="hello")  # a cache hit
+        await client.images.generate(model="dall-e-3", prompt="a boat", n=2)
+        await client.audio.transcriptions.create(
+            model="whisper-1", file=("a.mp3", b"\0" * 16_000 * 120, "audio/mpeg")
+        )
+        await client.audio.speech.create(model="gpt-4o-mini-tts", voice="alloy", input="hi")
+    records = await proxy.usage.wait(5)
+    log = tmp_path / "usage.jsonl"
+    log.write_bytes(proxy.usage.getvalue())
+    out = run(str(log), "--by", "endpoint", "--format", "json")
+    data = json.loads(out.stdout)
+    groups = {g["endpoint"]: g for g in data["groups"]}
+    responses = groups["/v1/responses"]
+    assert responses["requests"] == 2 and responses["cache_hit_rate"] == 0.5
+    assert responses["cost_usd"] == pytest.approx(records[0]["cost_usd"])
+    assert responses["saved_usd"] == pytest.approx(records[0]["cost_usd"])
+    assert groups["/v1/images/generations"]["images"] == 2
+    assert groups["/v1/images/generations"]["cost_usd"] == pytest.approx(0.08)
+    assert groups["/v1/audio/transcriptions"]["audio_minutes"] == 2
+    assert groups["/v1/audio/transcriptions"]["cost_usd"] == pytest.approx(0.012)
+    assert groups["/v1/audio/speech"]["unpriced"] == 1  # its cost is unknown, and shown so
+    assert data["total"]["unpriced"] == 1
+    table = run(str(log), "--by", "endpoint").stdout.decode()
+    assert "images" in table and "audio min" in table and "unpriced" in table
+    assert "/v1/responses" in table
