@@ -7,8 +7,10 @@ else bench/upstream.py), the bare forwarder (bench/bare_forwarder.py) and thrift
 chain (1 worker and 2), loads each with wrk (Debian package `wrk`) using unique non-streaming chat
 bodies in alternating rounds, and prints RPS, p50/p99 and CPU per request side by side with
 thriftgate's ratios to the forwarder. It then measures time to first byte of a stream (against
-bench/upstream.py), direct and through each proxy. Absolute numbers depend on the machine (these
-are noisy); read the ratios. Results are also written to bench/results/latest.json.
+bench/upstream.py), direct and through each proxy, and the Responses API's path against the chat
+path through the same thriftgate (``--responses-only`` runs just that). Absolute numbers depend
+on the machine (these are noisy); read the ratios. Results are also written to
+bench/results/latest.json.
 """
 
 from __future__ import annotations
@@ -121,6 +123,12 @@ http {{
             add_header openai-processing-ms 1;
             return 200 '{body}';
         }}
+        location = /v1/responses {{
+            default_type application/json;
+            add_header x-request-id req_bench;
+            add_header openai-processing-ms 1;
+            return 200 '{responses_body}';
+        }}
     }}
 }}
 """
@@ -137,11 +145,15 @@ def static_upstream(port: int) -> Iterator[str]:
         with process([sys.executable, str(HERE / "upstream.py"), str(port)], port, cpu=LOAD_CPU):
             yield "bench/upstream.py"
         return
-    from upstream import ANSWER  # the same canned answer as bench/upstream.py
+    from upstream import ANSWER, RESPONSE  # the same canned answers as bench/upstream.py
 
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=tmp, port=port, body=ANSWER.decode()))
+        conf.write_text(
+            NGINX_CONF.format(
+                dir=tmp, port=port, body=ANSWER.decode(), responses_body=RESPONSE.decode()
+            )
+        )
         with process([nginx, "-c", str(conf), "-p", tmp], port, cpu=LOAD_CPU):
             yield "nginx"
 
@@ -259,12 +271,18 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--ttfb-requests", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="3 rounds of 2 s, 100 stream requests")
+    parser.add_argument(
+        "--responses-only", action="store_true", help="only the Responses vs chat comparison"
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration, args.rounds, args.ttfb_requests = 2, 3, 100
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk", file=sys.stderr)
         return 2
+    if args.responses_only:
+        responses_vs_chat(args.duration, args.rounds, args.connections)
+        return 0
 
     up, sse, bare, tg, tg2 = (free_port() for _ in range(5))
     upstream = f"http://127.0.0.1:{up}/v1"
@@ -386,10 +404,39 @@ def main() -> int:
         },
         "ttfb_added_p50_ms": added_tg,
     }
+    summary["responses_vs_chat"] = responses_vs_chat(d, args.rounds, c)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(summary, indent=2))
     return 0
+
+
+def responses_vs_chat(d: int, rounds: int, c: int) -> dict:
+    """One thriftgate (full default chain, one worker) loaded in alternating rounds with unique
+    chat bodies and unique Responses bodies of the same content: the Responses path's throughput
+    and CPU per request as a ratio of the chat path's."""
+    up, tg = free_port(), free_port()
+    upstream = f"http://127.0.0.1:{up}/v1"
+    runs: dict[str, list[dict]] = {"chat": [], "responses": []}
+    scripts = {"chat": "unique_chat.lua", "responses": "unique_responses.lua"}
+    with static_upstream(up), thriftgate(tg, upstream) as tg_pid:
+        for script in scripts.values():
+            wrk(f"http://127.0.0.1:{tg}", 1, c, script=script)
+        for _ in range(rounds):
+            for name, script in scripts.items():
+                runs[name].append(wrk(f"http://127.0.0.1:{tg}", d, c, tg_pid, script))
+    results = {name: median_run(r) for name, r in runs.items()}
+    rps = paired_ratio(runs["chat"], runs["responses"], "rps")
+    cpu = 1 / paired_ratio(runs["chat"], runs["responses"], "cpu_us_per_request")
+    print(f"\nResponses API vs chat through thriftgate, unique bodies, {c} connections")
+    print(f"{'':12}{'RPS':>8}{'p50 ms':>8}{'p99 ms':>8}{'CPU us/req':>12}  rounds (RPS)")
+    for name, r in results.items():
+        print(
+            f"{name:12}{r['rps']:>8.0f}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}"
+            f"{r['cpu_us_per_request']:>12.0f}  {r['rounds_rps']}"
+        )
+    print(f"responses / chat: {rps:.2f}x RPS, {cpu:.2f}x requests per CPU-second")
+    return {"results": results, "rps_ratio": rps, "requests_per_cpu_second_ratio": cpu}
 
 
 if __name__ == "__main__":

@@ -28,6 +28,45 @@ ANSWER = orjson.dumps(
         "usage": {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23},
     }
 )
+# a Response object as the Responses API returns it, with its usage
+RESPONSE = orjson.dumps(
+    {
+        "id": "resp_bench",
+        "object": "response",
+        "created_at": 1730000000,
+        "status": "completed",
+        "error": None,
+        "incomplete_details": None,
+        "instructions": "You are terse.",
+        "max_output_tokens": None,
+        "model": "gpt-4o-mini-2024-07-18",
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_bench",
+                "status": "completed",
+                "role": "assistant",
+                "content": [
+                    {"type": "output_text", "text": "Benchmark answer.", "annotations": []}
+                ],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "store": True,
+        "temperature": 1.0,
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "usage": {
+            "input_tokens": 20,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 3,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 23,
+        },
+    }
+)
 HEADERS = {
     "x-request-id": "req_bench",
     "openai-processing-ms": "1",
@@ -55,9 +94,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
     return web.Response(body=ANSWER, content_type="application/json", headers=HEADERS)
 
 
+async def responses(request: web.Request) -> web.StreamResponse:
+    await request.read()
+    return web.Response(body=RESPONSE, content_type="application/json", headers=HEADERS)
+
+
 def main() -> None:
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/responses", responses)
     web.run_app(
         app,
         host="127.0.0.1",

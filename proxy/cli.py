@@ -141,7 +141,9 @@ def count_tokens(path: str, model: str | None) -> int:
         return 2
     count = count_request(endpoint, body, model)
     shown = model or body.get("model") or "unknown model"
-    note = " (approximate)" if count.approximate else ""
+    note = {"exact": "", "partial": " (partial: earlier state is not counted)"}.get(
+        count.source, f" ({count.source})"
+    )
     print(f"{count.tokens} prompt tokens{note}: {endpoint}, {shown}, {count.encoding}")
     try:
         prices = PriceTable(load_settings().prices)  # the config's [prices] too, when it has any

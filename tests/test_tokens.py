@@ -249,6 +249,20 @@ def test_tokens_cli(tmp_path: Path) -> None:
         [sys.executable, "-m", "proxy", "tokens", str(request)], capture_output=True, text=True
     )
     assert "at most $0.010310 with 1000 output tokens" in out.stdout
+    responses = {"model": "gpt-4o", "input": "hello", "previous_response_id": "resp_1"}
+    request.write_text(json.dumps(responses))
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "tokens", str(request)], capture_output=True, text=True
+    )
+    expected = tokens.count_request("/v1/responses", responses).tokens
+    assert out.stdout.startswith(
+        f"{expected} prompt tokens (partial: earlier state is not counted): /v1/responses, gpt-4o"
+    )
+    request.write_text(json.dumps({"model": "text-embedding-3-small", "input": "hello"}))
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "tokens", str(request)], capture_output=True, text=True
+    )
+    assert "/v1/embeddings" in out.stdout
     request.write_text("[1, 2]")
     bad = subprocess.run(
         [sys.executable, "-m", "proxy", "tokens", str(request)], capture_output=True, text=True
