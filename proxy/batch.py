@@ -24,7 +24,7 @@ import orjson
 from proxy.pricing import PriceTable
 from proxy.usage import token_fields
 
-SUPPORTED_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions")
+SUPPORTED_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses")
 NO_BATCH_API = (404, 405, 501)
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 Sleep = Callable[[float], Awaitable[None]]

@@ -15,9 +15,11 @@ nothing):
    delivered the charge is settled to the usage the upstream reported, so concurrent requests can
    overshoot a budget only by what their answers exceed their reservations.
 
-Every other POST to /v1 (the Responses API, images, audio, ...) from a key with a budget is
-refused once a budget is spent, and charged after the fact what its answer reports (its usage,
-priced by the answer's model), settled like the rest.
+The Responses API is one of the optimised endpoints (counted, guarded, reserved and settled like
+chat). Images and audio reserve their price where the request tells it (``media_estimate``) and
+settle to what the answer says (``media_cost``). Every other POST to /v1 from a key with a budget
+is a probe: refused once a budget is spent, and charged after the fact what its answer reports.
+Free calls (``proxy.endpoints.free``) are never refused.
 
 Budgets live in ``Counters``: in memory, or in Redis (one Lua script checks every window and
 charges them all atomically). While Redis is unreachable, ``redis.on_failure`` decides: ``local``

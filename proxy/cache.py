@@ -1,10 +1,13 @@
-"""Exact-match response cache for the optimised endpoints, with single-flight.
+"""Exact-match response cache for the text endpoints (chat, completions, embeddings, Responses),
+with single-flight.
 
 Key: SHA-256 over the endpoint path and query string, the canonical JSON of the body as it will be
 sent upstream (after any trimming or output limit; keys sorted, no whitespace) and the scope (the
 API key's keyed hash plus organization and project, or "shared"). A body the proxy cannot read, or
 cannot write back canonically, is never cached (``BYPASS``).
-Only complete 2xx answers are stored: a stream once its ``[DONE]`` went by, never a cut one. A hit
+Only complete 2xx answers are stored: a stream once its ``[DONE]`` went by (a Responses stream:
+once its last event is ``response.completed``), never a cut one; never a Responses request that
+is ``background`` or on a ``conversation`` (``replayable``). A hit
 returns the stored body bytes (decoded, so any client can read them) with the original answer's
 ``content-type``, ``openai-*`` and ``x-request-id`` headers, ``x-thriftgate-cache: HIT`` and
 ``age``. While a non-streaming request is in flight, identical ones wait for its answer.

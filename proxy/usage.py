@@ -1,7 +1,9 @@
 """The usage log: one JSON line per /v1 request, with the token usage the upstream reported.
 
 ``UsageRecorder`` watches a reply's body as it passes (never delaying it) and finds the ``usage``
-object: in a JSON answer, or in the last events of an SSE stream (the ``include_usage`` chunk).
+object: in a JSON answer (in the tail of one too large to parse), or in the last events of an SSE
+stream (the ``include_usage`` chunk, Responses' ``response.completed``). ``charged`` prices a
+finished call: text by its tokens, images and audio by their own units (``proxy.media``).
 Compressed answers are decoded from a copy; what the client receives is never touched.
 """
 

@@ -212,6 +212,20 @@ def response_object(
     }
 
 
+def responses_payload(req: dict[str, Any]) -> dict[str, Any]:
+    """A non-streaming Response for a request body (the batch API's answers)."""
+    text = responses_text(req)
+    item = {
+        "id": f"msg_{uuid.uuid4().hex}",
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": text}],
+    }
+    usage = responses_usage(req, len(text.split(" ")))
+    return response_object(req, f"resp_{uuid.uuid4().hex}", "completed", [item], usage)
+
+
 AUDIO_BYTES_PER_SECOND = 16_000  # the fake's idea of an upload's duration
 
 
@@ -975,6 +989,8 @@ class FakeOpenAI:
                 payload = (
                     embeddings_payload(body)
                     if batch["endpoint"] == "/v1/embeddings"
+                    else responses_payload(body)
+                    if batch["endpoint"] == "/v1/responses"
                     else chat_payload(body)
                 )
                 response = {"status_code": 200, "request_id": rid, "body": payload}

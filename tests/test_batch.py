@@ -107,7 +107,7 @@ def test_invalid_lines_are_reported_with_their_numbers(tmp_path: Path) -> None:
         "line 3: custom_id is missing (a non-empty string is required)",
         "line 4: custom_id 'req-1' repeats line 1",
         "line 5: url '/v1/images/generations' is not one of /v1/chat/completions, "
-        "/v1/embeddings, /v1/completions",
+        "/v1/embeddings, /v1/completions, /v1/responses",
         "line 7: method must be POST, not 'GET'",
     ]
 
@@ -218,6 +218,35 @@ async def test_embeddings_via_api(proxy: Proxy, fake: FakeOpenAI, tmp_path: Path
     assert stats.succeeded == 3
     expected = embeddings_payload(items[1]["body"])["data"][0]["embedding"]
     assert got[1]["response"]["body"]["data"][0]["embedding"] == expected
+
+
+@pytest.mark.parametrize("via", ["api", "proxy"])
+async def test_responses_batches(proxy: Proxy, tmp_path: Path, via: str) -> None:
+    items = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/responses",
+            "body": {"model": "gpt-4o-mini", "input": f"question {i}"},
+        }
+        for i in range(3)
+    ]
+    output = tmp_path / "out.jsonl"
+    stats = await run(proxy, write_input(tmp_path / "in.jsonl", items), output, via)
+    got = results(output)
+    assert stats.succeeded == 3 and [r["custom_id"] for r in got] == ["r0", "r1", "r2"]
+    body = got[1]["response"]["body"]
+    assert body["object"] == "response" and "question 1" in body["output"][0]["content"][0]["text"]
+    usage = [r["response"]["body"]["usage"] for r in got]
+    full = sum(
+        PRICES.cost(
+            "gpt-4o-mini",
+            {"prompt_tokens": u["input_tokens"], "completion_tokens": u["output_tokens"]},
+        )
+        or 0
+        for u in usage
+    )
+    assert stats.cost_usd == pytest.approx(full / 2 if via == "api" else full)  # Batch: half
 
 
 async def test_resume_skips_what_was_answered(
