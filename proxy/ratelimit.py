@@ -1,8 +1,8 @@
 """Rate limiting: token buckets for requests and tokens per minute, per key and per model.
 
 Every request to the text endpoints (chat, completions, embeddings, Responses) that reaches the
-stage (cache hits do not) is charged one request and its estimated tokens (prompt estimate + its output limit, or
-``default_output_tokens``) against its key's RPM/TPM buckets and the global buckets of its model
+stage (cache hits do not) is charged one request and its estimated tokens (prompt estimate + its
+output limit, or ``default_output_tokens``) against its key's RPM/TPM buckets and the global buckets of its model
 (``[model_limits."pattern"]``). After the answer the token charge is settled to the actual usage.
 Images and audio are charged one request (and the tokens their answers report, afterwards).
 
