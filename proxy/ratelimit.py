@@ -2,8 +2,9 @@
 
 Every request to the text endpoints (chat, completions, embeddings, Responses) that reaches the
 stage (cache hits do not) is charged one request and its estimated tokens (prompt estimate + its
-output limit, or ``default_output_tokens``) against its key's RPM/TPM buckets and the global buckets of its model
-(``[model_limits."pattern"]``). After the answer the token charge is settled to the actual usage.
+output limit, or ``default_output_tokens``) against its key's RPM/TPM buckets and the global
+buckets of its model (``[model_limits."pattern"]``). After the answer the token charge is settled
+to the actual usage.
 Images and audio are charged one request (and the tokens their answers report, afterwards).
 
 - ``reject`` mode: a request that does not fit gets 429 ``rate_limit_exceeded`` with
