@@ -338,3 +338,27 @@ async def test_input_tokens_is_forwarded_and_free_for_a_spent_budget(
     assert counted.input_tokens > 0  # ...but counting is free, and OpenAI's own answer
     assert fake.calls("/v1/responses/input_tokens") == 1
     assert fake.calls(RESPONSES) == 0
+
+
+def test_the_responses_usage_shape_is_priced_with_its_cached_and_reasoning_tokens() -> None:
+    from proxy.pricing import PriceTable
+    from proxy.usage import token_fields
+
+    usage = {
+        "input_tokens": 1000,
+        "input_tokens_details": {"cached_tokens": 400, "cache_write_tokens": 0},
+        "output_tokens": 100,
+        "output_tokens_details": {"reasoning_tokens": 60},
+        "total_tokens": 1100,
+    }
+    fields = token_fields(usage)
+    assert fields == {
+        "prompt_tokens": 1000,
+        "cached_tokens": 400,
+        "completion_tokens": 100,
+        "reasoning_tokens": 60,
+        "total_tokens": 1100,
+    }
+    # gpt-4o: $2.50 input, $1.25 cached input, $10 output (reasoning tokens are output)
+    expected = (600 * 2.5 + 400 * 1.25 + 100 * 10) / 1e6
+    assert PriceTable().cost("gpt-4o", fields) == pytest.approx(expected)
