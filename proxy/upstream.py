@@ -226,6 +226,39 @@ def _expire(task: asyncio.Task[object], expired: list[bool]) -> None:
     task.cancel()
 
 
+def where(url: URL) -> str:
+    """host:port of an upstream URL (never its credentials or path)."""
+    return f"{url.host}:{url.port}" if url.port is not None else str(url.host)
+
+
+def unreachable(exc: BaseException, settings: UpstreamSettings) -> str:
+    """Why an upstream could not be reached, in words a person can act on."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "its name does not resolve (DNS); check the host name in the upstream URL"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "its TLS certificate was refused (is the host name right, and the CA trusted?)"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "the TLS handshake failed (is it an https:// URL for a server that speaks TLS?)"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return (
+            f"no connection within {settings.connect_timeout_s:g} s "
+            "(upstream.connect_timeout_s; a firewall, or a wrong address?)"
+        )
+    if isinstance(exc, TimeoutError):
+        return f"it stopped answering for {settings.idle_timeout_s:g} s (upstream.idle_timeout_s)"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        if isinstance(os_error, ConnectionRefusedError):
+            return "connection refused (nothing listens on that port: is the upstream running?)"
+        reason = os_error.strerror if os_error.strerror else type(os_error).__name__
+        return f"cannot connect ({reason})"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "it closed the connection without answering"
+    if isinstance(exc, aiohttp.ClientOSError):
+        return f"the connection failed ({exc.strerror or type(exc).__name__})"
+    return type(exc).__name__
+
+
 class _BodyCounter:
     """Streams a request body upstream, stopping it past the size limit or after a pause longer
     than ``idle_s`` (the client stopped sending)."""
@@ -395,13 +428,14 @@ class Upstream:
                 raise
             task.uncancel()
             raise UpstreamTimeout(
-                f"The upstream did not answer within the proxy's time limit ({url.host})"
+                f"The upstream {where(url)} did not start answering within "
+                f"{self.settings.first_byte_timeout_s:g} s (upstream.first_byte_timeout_s)"
             ) from None
         except (PayloadTooLarge, RequestTimeout):
             raise
-        except TimeoutError:
+        except TimeoutError as exc:
             raise UpstreamTimeout(
-                f"The upstream did not answer within the proxy's time limit ({url.host})"
+                f"The upstream {where(url)} could not be reached: {unreachable(exc, self.settings)}"
             ) from None
         except aiohttp.ClientError as exc:
             if isinstance(data, _BodyCounter) and data.exceeded:
@@ -411,7 +445,7 @@ class Upstream:
                     f"The request body paused for more than {body_idle_s:g} s"
                 ) from None
             raise UpstreamUnavailable(
-                f"The upstream {url.host} could not be reached: {type(exc).__name__}"
+                f"The upstream {where(url)} could not be reached: {unreachable(exc, self.settings)}"
             ) from None
         finally:
             timer.cancel()

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 
 import aiohttp
 import orjson
+import pytest
+from aiohttp.test_utils import TestServer
 from conftest import API_KEY, MakeProxy, Proxy
 from fake_openai import FakeOpenAI, Fault, Sent
 
@@ -254,13 +256,36 @@ async def test_upstream_cut_mid_stream_ends_client_stream_with_error(
 async def test_upstream_unreachable_is_502(make_proxy: MakeProxy) -> None:
     from conftest import free_port
 
-    proxy = await make_proxy(upstream=f"http://127.0.0.1:{free_port()}/v1")
+    port = free_port()
+    proxy = await make_proxy(upstream=f"http://127.0.0.1:{port}/v1")
     async with aiohttp.ClientSession() as s, s.get(proxy.url + "/v1/models", headers=AUTH) as r:
         assert r.status == 502
         err = (await r.json())["error"]
     assert err["type"] == "server_error"
     assert err["code"] == "upstream_unavailable"
     assert set(err) == {"message", "type", "param", "code"}
+    assert f"127.0.0.1:{port}" in err["message"]  # where, and why, in words
+    assert "connection refused" in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("upstream_url", "reason"),
+    [
+        ("http://no-such-host.invalid/v1", "does not resolve (DNS)"),
+        ("https://{fake}/v1", "TLS handshake failed"),
+    ],
+    ids=["dns", "tls"],
+)
+async def test_upstream_connection_errors_say_why(
+    make_proxy: MakeProxy, upstream: TestServer, upstream_url: str, reason: str
+) -> None:
+    fake = f"{upstream.host}:{upstream.port}"
+    proxy = await make_proxy(upstream=upstream_url.format(fake=fake))
+    no_retry = {**AUTH, "x-thriftgate-max-retries": "0"}
+    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/v1/models", headers=no_retry) as r:
+        assert r.status == 502
+        message = (await r.json())["error"]["message"]
+    assert reason in message, message
 
 
 async def test_upstream_timeout_is_504(make_proxy: MakeProxy, fake: FakeOpenAI) -> None:
