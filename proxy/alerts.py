@@ -147,15 +147,29 @@ class Alerts:
         self._hits += sign * entry[3]
 
     def budget(
-        self, key: str | None, alias: str | None, unit: str, period: str, fraction: float
+        self,
+        key: str | None,
+        alias: str | None,
+        unit: str,
+        period: str,
+        fraction: float,
+        *,
+        refused: bool = False,
     ) -> None:
-        """A key's budget is at ``fraction`` of its limit (1.0: spent, a request was refused)."""
+        """A key's budget is at ``fraction`` of its limit: ``budget_warning`` past the warning
+        fraction, ``budget_spent`` at 1.0, ``budget_refused`` when a request was refused before
+        it was all spent (what was left could not cover the request's estimate)."""
         warn = self.settings.budget_warn_fraction
-        if fraction < warn and fraction < 1.0:
+        if fraction < warn and fraction < 1.0 and not refused:
             return
         who = alias or key or "-"
-        rule = "budget_spent" if fraction >= 1.0 else "budget_warning"
-        what = "is spent" if fraction >= 1.0 else f"is {fraction:.0%} used"
+        if fraction >= 1.0:
+            rule, what = "budget_spent", "is spent"
+        elif refused:
+            rule = "budget_refused"
+            what = f"is {fraction:.0%} used and refused a request it could not cover"
+        else:
+            rule, what = "budget_warning", f"is {fraction:.0%} used"
         self.fire(
             rule,
             f"{who}:{unit}:{period}",

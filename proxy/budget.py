@@ -460,7 +460,8 @@ class BudgetStage(Stage):
         if refused is not None:
             if self.alerts is not None:
                 w = wins[refused]
-                self.alerts.budget(ctx.key, limits.alias, w.unit, w.period, 1.0)
+                used = values[0] / charges[refused].limit
+                self.alerts.budget(ctx.key, limits.alias, w.unit, w.period, used, refused=True)
             self._refuse(wins[refused], charges[refused], values[0], now, limits)
         if self.alerts is not None:
             for w, charge, value in zip(wins, charges, values, strict=True):
@@ -474,15 +475,24 @@ class BudgetStage(Stage):
         _, ends = period_of(now, w.period)
         who = f"key {limits.alias!r}" if limits.alias else "this API key"
         if w.unit == "tokens":
-            spent = f"{used:,} of {int(w.limit):,} tokens used"
+            left = max(int(w.limit) - used, 0)
+            state = f"{used:,} of {int(w.limit):,} tokens used, {left:,} left"
             need = f"an estimated {charge.amount:,} tokens"
         else:
-            spent = f"${used / NANO:,.4f} of ${w.limit:,.2f} used"
+            left_usd = max(w.limit - used / NANO, 0.0)
+            state = f"${used / NANO:,.4f} of ${w.limit:,.2f} used, ${left_usd:,.4f} left"
             need = f"an estimated ${charge.amount / NANO:,.4f}"
+        verdict = "is spent" if used >= charge.limit else "cannot cover this request"
+        hint = (
+            "Ask your administrator to raise the budget, or wait for the reset."
+            if used >= charge.limit
+            else "Ask for fewer output tokens (max_tokens / max_output_tokens: the estimate is "
+            "the prompt plus that limit), ask your administrator to raise the budget, or wait "
+            "for the reset."
+        )
         raise QuotaExceeded(
-            f"thriftgate: the {w.unit} budget per {w.period} of {who} is spent ({spent}; this "
-            f"request needs {need}). It resets at {_iso(ends)}. Ask your administrator to raise "
-            "the budget, or wait for the reset.",
+            f"thriftgate: the {w.unit} budget per {w.period} of {who} {verdict} ({state}; this "
+            f"request needs {need}). It resets at {_iso(ends)}. {hint}",
             headers={"x-should-retry": "false"},
         )
 

@@ -525,10 +525,14 @@ class RateLimitStage(Stage):
             pairs = list(zip(buckets, verdict.levels, strict=True))
             b, level = next(((b, lv) for b, lv in pairs if lv < b.cost), pairs[0])
             per = "requests per min (RPM)" if b.kind == "requests" else "tokens per min (TPM)"
+            unit = "requests" if b.kind == "requests" else "tokens"
+            whose = "this API key" if b.scope == "key" else f"model {b.name.rsplit(':', 2)[-2]}"
             message = (
                 f"Rate limit reached on this {b.scope} in thriftgate for {per}: "
-                f"Limit {int(b.capacity)}, Used {int(b.capacity - max(level, 0))}, Requested "
-                f"{int(b.cost)}. Please try again in {format_duration(wait)}."
+                f"Limit {int(b.capacity)}, Remaining {max(math.floor(level), 0)}, Requested "
+                f"{int(b.cost)}. Please try again in {format_duration(wait)}. ({whose} may use "
+                f"{int(b.capacity):,} {unit} a minute; they come back gradually, "
+                f"{b.rate * 60:,.0f} a minute.)"
             )
             type_ = b.kind
         else:

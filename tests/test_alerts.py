@@ -105,7 +105,9 @@ async def test_a_dead_webhook_never_affects_traffic(
     assert len(failures) == 1 and "secret-path" not in str(failures[0])  # the URL is not logged
 
 
-async def test_budget_warning_then_spent(make_proxy: MakeProxy, fake: FakeOpenAI) -> None:
+async def test_budget_warning_then_refused_then_spent(
+    make_proxy: MakeProxy, fake: FakeOpenAI
+) -> None:
     proxy = await make_proxy(env={"THRIFTGATE_TOKENS_PER_DAY": "2500"})
     alerts = proxy.app[ALERTS]
     long = "word " * 1100  # ~1100 prompt tokens + 1024 reserved for the answer: 85% of 2500
@@ -113,10 +115,34 @@ async def test_budget_warning_then_spent(make_proxy: MakeProxy, fake: FakeOpenAI
     assert [a["alert"] for a in alerts.sent] == ["budget_warning"]
     assert alerts.sent[0]["fraction"] >= 0.8
     await proxy.usage.wait(1)
+    # settled to the answer's usage (about 1,400 tokens): the next estimate does not fit what is
+    # left, but the budget is not spent, and the alert says so
     assert await post(proxy, long) == 429
-    assert [a["alert"] for a in alerts.sent] == ["budget_warning", "budget_spent"]
+    assert [a["alert"] for a in alerts.sent] == ["budget_warning", "budget_refused"]
+    assert 0.5 < alerts.sent[1]["fraction"] < 1
     assert await post(proxy, long) == 429
     assert len(alerts.sent) == 2  # cooled down: not again
+
+
+async def test_budget_spent_fires_when_the_budget_is_used_up(
+    make_proxy: MakeProxy, fake: FakeOpenAI
+) -> None:
+    proxy = await make_proxy(env={"THRIFTGATE_TOKENS_PER_DAY": "20"})
+    alerts = proxy.app[ALERTS]
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+    statuses = []
+    for i in range(3):  # each reserves 9 tokens and is settled to the fake's 10
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(proxy.url + "/v1/chat/completions", json=body, headers=AUTH) as r,
+        ):
+            statuses.append(r.status)
+            message = (await r.json()).get("error", {}).get("message", "")
+        await proxy.usage.wait(i + 1)
+    assert statuses == [200, 200, 429]
+    assert "is spent (20 of 20 tokens used, 0 left" in message
+    assert [a["alert"] for a in alerts.sent][-1] == "budget_spent"
+    assert alerts.sent[-1]["fraction"] == 1.0
 
 
 async def test_upstream_error_rate(make_proxy: MakeProxy, fake: FakeOpenAI, tmp_path: Path) -> None:

@@ -186,6 +186,8 @@ async def test_budget_spent_gives_openais_429_and_no_upstream_call(
         None,
     )
     assert "tokens budget per day" in error["message"] and "resets at" in error["message"]
+    # what is left cannot cover the estimate, though the budget is not all used: it says so
+    assert "cannot cover this request" in error["message"] and " left;" in error["message"]
     assert fake.calls("/v1/chat/completions") == 2
     record = (await proxy.usage.wait(3))[-1]
     assert (record["status"], record["error"]) == (429, "insufficient_quota")

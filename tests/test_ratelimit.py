@@ -111,7 +111,8 @@ async def test_rpm_60_lets_exactly_60_of_61_through(
     _status, headers, payload = next(r for r in results if r[0] == 429)
     error = payload["error"]
     assert (error["code"], error["type"]) == ("rate_limit_exceeded", "requests")
-    assert "Limit 60, Used 60, Requested 1" in error["message"]
+    assert "Limit 60, Remaining 0, Requested 1" in error["message"]
+    assert "this API key may use 60 requests a minute" in error["message"]
     assert headers["retry-after"] == "1" and headers["retry-after-ms"] == "1000"
     assert headers["x-ratelimit-limit-requests"] == "60"
     assert headers["x-ratelimit-remaining-requests"] == "0"
