@@ -24,6 +24,7 @@ from proxy.alerts import Alerts
 from proxy.budget import BudgetStage
 from proxy.cache import CacheStage
 from proxy.config import Settings
+from proxy.console import access_writer
 from proxy.context import RequestContextStage, context_of
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable, error_middleware, error_response
 from proxy.inbound import secret_bytes
@@ -223,6 +224,7 @@ def create_app(
     owned = usage_stream is None  # the configured sink: this app opens (and reopens) it
     usage_log = UsageLog(
         _usage_sink(settings) if usage_stream is None else usage_stream,
+        access=access_writer(sys.stderr) if settings.log.format == "console" else None,
         enabled=settings.usage.enabled,
         owns_stream=owned,
         prices=prices,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
 import os
@@ -21,6 +22,7 @@ import structlog
 
 from proxy import __version__
 from proxy.config import ConfigError, Settings, load_settings
+from proxy.console import resolve_format
 from proxy.logs import configure_logging
 
 log = structlog.get_logger("thriftgate")
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, help="worker processes sharing the port (env THRIFTGATE_WORKERS, 1)"
     )
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    _log_flags(serve)
     tokens = sub.add_parser("tokens", help="count the prompt tokens of a request body, offline")
     tokens.add_argument(
         "request", help="a JSON request body (chat, embeddings or completions); - for stdin"
@@ -91,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument("batch_id")
         b.add_argument("--base-url", help="OpenAI-compatible base URL")
     return parser
+
+
+def _log_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "console", "json"],
+        help="operational log on stderr: console (readable, one access line per request) or "
+        "json; auto (default): console on a terminal (env THRIFTGATE_LOG_FORMAT)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe level logged (env THRIFTGATE_LOG_LEVEL, info)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -263,12 +280,17 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
         "port": args.port,
         "upstream": args.upstream,
         "workers": args.workers,
+        "log_format": args.log_format,
+        "log_level": args.log_level,
     }
     try:
         settings = load_settings(flags, config_file=args.config)
     except ConfigError as exc:
         print(f"thriftgate: configuration error: {exc}", file=sys.stderr)
         return 2
+    fmt = resolve_format(settings.log.format)
+    settings = dataclasses.replace(settings, log=dataclasses.replace(settings.log, format=fmt))
+    configure_logging(level=settings.log.level, fmt=fmt)
     if settings.server.workers > 1 and args.worker_index is None:
         if settings.server.port == 0:
             print("thriftgate: --workers > 1 needs a fixed --port", file=sys.stderr)

@@ -41,6 +41,18 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSettings:
+    """The operational log on stderr (the usage log is separate: ``[usage]``)."""
+
+    format: str = "auto"  # auto: console on a terminal, JSON otherwise | console | json
+    level: str = "info"  # debug | info | warning | error
+
+
+LOG_FORMATS = ("auto", "console", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSettings:
     url: str = "https://api.openai.com/v1"
     api_key: str | None = field(default=None, repr=False)
@@ -241,6 +253,7 @@ class ModelInfo:
 
 _SECTIONS: dict[str, type] = {
     "server": ServerSettings,
+    "log": LogSettings,
     "upstream": UpstreamSettings,
     "usage": UsageSettings,
     "redis": RedisSettings,
@@ -260,6 +273,7 @@ _TABLES = ("keys", "models", "model_limits", "prices")
 @dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
+    log: LogSettings = field(default_factory=LogSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     usage: UsageSettings = field(default_factory=UsageSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
@@ -327,6 +341,8 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("server", "scope_secret"): ("THRIFTGATE_SCOPE_SECRET",),
     ("server", "header_timeout_s"): ("THRIFTGATE_HEADER_TIMEOUT_S",),
     ("server", "body_timeout_s"): ("THRIFTGATE_BODY_TIMEOUT_S",),
+    ("log", "format"): ("THRIFTGATE_LOG_FORMAT",),
+    ("log", "level"): ("THRIFTGATE_LOG_LEVEL",),
     ("upstream", "url"): ("THRIFTGATE_UPSTREAM_URL",),
     ("upstream", "api_key"): ("THRIFTGATE_UPSTREAM_API_KEY",),
     ("upstream", "connect_timeout_s"): ("THRIFTGATE_CONNECT_TIMEOUT_S",),
@@ -374,6 +390,8 @@ FLAGS: dict[str, tuple[str, str]] = {
     "port": ("server", "port"),
     "workers": ("server", "workers"),
     "upstream": ("upstream", "url"),
+    "log_format": ("log", "format"),
+    "log_level": ("log", "level"),
 }
 
 
@@ -585,8 +603,8 @@ def load_settings(
 ) -> Settings:
     """Build the settings: defaults < TOML file < environment < flags.
 
-    ``flags`` uses the command-line names (host, port, workers, upstream); ``None`` values are
-    ignored. ``env`` defaults to the process environment.
+    ``flags`` uses the command-line names (host, port, workers, upstream, log_format, log_level);
+    ``None`` values are ignored. ``env`` defaults to the process environment.
     """
     env = os.environ if env is None else env
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
@@ -668,6 +686,10 @@ def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
             fail("server", key, "must be positive")
     if not s.server.scope_secret:
         fail("server", "scope_secret", "must not be empty")
+    if s.log.format not in LOG_FORMATS:
+        fail("log", "format", f"{s.log.format!r} is not one of {', '.join(LOG_FORMATS)}")
+    if s.log.level not in LOG_LEVELS:
+        fail("log", "level", f"{s.log.level!r} is not one of {', '.join(LOG_LEVELS)}")
     url = URL(s.upstream.url)
     if url.scheme not in {"http", "https"} or not url.host:
         fail("upstream", "url", f"{redact_url(s.upstream.url)!r} is not an http(s) URL")

@@ -31,8 +31,8 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from proxy import __version__
 from proxy.config import Settings, redact_url
+from proxy.console import banner, summary
 from proxy.errors import envelope, error_response
 from proxy.inbound import safe_text
 
@@ -220,18 +220,35 @@ async def serve(
     backend = app[CACHE].backend
     addresses = runner.addresses
     port = addresses[0][1] if addresses else server.port
-    log.info(
-        "listening",
-        version=__version__,
-        host=server.host,
-        port=port,
-        upstreams=[redact_url(t.url) for t in settings.targets()],
-        redis=guard.status()["status"] if guard is not None else "off",
+    console = settings.log.format == "console"
+    redis = "off"
+    if guard is not None:
+        state = guard.status()
+        redis = f"{state['status']} ({redact_url(settings.redis.url or '')})"
+        if state.get("error"):
+            redis += f": {state['error']}"
+    cache_bytes = None
+    if backend is not None:
+        cache_bytes = settings.cache.max_bytes if backend.name == "memory" else None
+    host = f"[{server.host}]" if ":" in server.host else server.host
+    facts = summary(
+        settings,
+        url=f"http://{host}:{port}",
+        redis=redis,
         cache=backend.name if backend is not None else "off",
-        config_file=settings.config_file,
-        open_files=open_files,
-        shutdown_grace_s=server.shutdown_grace_s,
+        cache_bytes=cache_bytes,
     )
+    if console:
+        print(banner(facts), file=sys.stderr, flush=True)
+    else:
+        log.info(
+            "listening",
+            host=server.host,
+            port=port,
+            open_files=open_files,
+            shutdown_grace_s=server.shutdown_grace_s,
+            **facts,
+        )
     await stop.wait()
 
     grace = server.shutdown_grace_s
@@ -242,7 +259,16 @@ async def serve(
         for c in (runner.server.connections if runner.server is not None else ())
         if isinstance(c, ProxyRequestHandler)
     ]
-    log.info("stopping", requests_in_flight=sum(c.busy for c in handlers), grace_s=grace)
+    busy = sum(c.busy for c in handlers)
+    if console:
+        print(
+            f"thriftgate: stopping: draining {busy} request{'s' if busy != 1 else ''} in "
+            f"flight, up to {grace:g} s (server.shutdown_grace_s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    else:
+        log.info("stopping", requests_in_flight=busy, grace_s=grace)
     if runner.server is not None:
         # idle keep-alive connections close now; busy ones once their answer is done
         runner.server.pre_shutdown()
@@ -250,10 +276,20 @@ async def serve(
     if tasks:
         _, running = await asyncio.wait(tasks, timeout=grace)
         if running:  # the grace is over: end them (each is settled with what it delivered)
+            if console:
+                print(
+                    f"thriftgate: the grace is over: ending {len(running)} request(s) still "
+                    "running (each is charged what it delivered)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             app[CONTEXT].stopping = True
             for task in running:
                 task.cancel()
             await asyncio.wait(running, timeout=STOP_MARGIN_S / 2)
     await runner.cleanup()  # drains (Redis settlements), then the usage log is flushed
-    log.info("stopped")
+    if console:
+        print("thriftgate: stopped", file=sys.stderr, flush=True)
+    else:
+        log.info("stopped")
     return 0

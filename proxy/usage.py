@@ -13,6 +13,7 @@ import asyncio
 import json
 import time
 import zlib
+from collections.abc import Callable
 from typing import IO, Any
 
 import orjson
@@ -413,8 +414,10 @@ class UsageLog:
         path: str | None = None,
         metrics: Metrics | None = None,
         alerts: Alerts | None = None,
+        access: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.enabled = enabled and stream is not None
+        self.access = access  # console mode: one short line per request for a person
         self.prices = prices
         self.metrics = metrics  # every record is counted there too (even with the log off)
         self.alerts = alerts  # ...and watched by the alert rules
@@ -506,10 +509,12 @@ class UsageLog:
         reply.on_done.append(done)
 
     def write(self, ctx: RequestContext) -> None:
-        if not self.enabled and self.metrics is None and self.alerts is None:
+        if not self.enabled and self.metrics is None and self.alerts is None and not self.access:
             return
         try:
             record = self.record(ctx)
+            if self.access is not None:
+                self.access(record)
             if self.metrics is not None:
                 self.metrics.observe_request(record)
             if self.alerts is not None:

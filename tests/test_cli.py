@@ -215,3 +215,70 @@ async def written(path: Path, *, empty_ok: bool = False, within: float = 5) -> N
     async with asyncio.timeout(within):
         while not ready():  # noqa: ASYNC110 - another process writes it: nothing to wait on
             await asyncio.sleep(0.02)
+
+
+async def test_console_mode_shows_a_banner_access_lines_and_shutdown(
+    tmp_path: Path, upstream: TestServer, fake: FakeOpenAI
+) -> None:
+    server = start(
+        tmp_path,
+        "--upstream",
+        str(upstream.make_url("/v1")),
+        "--log-format",
+        "console",
+        env={"THRIFTGATE_RPM": "60", "THRIFTGATE_USD_PER_DAY": "5"},
+    )
+    try:
+        await server.ready()
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY) as client:
+            await client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "console please"}]
+            )
+            await client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "console please"}]
+            )
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.wait() == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+    text = server.log.read_text()
+    assert not any(line.startswith("{") for line in text.splitlines())  # no JSON for a person
+    assert f"listening on {server.url}" in text
+    for row in ("upstream", "cache        memory", "redis        off", "usage log    stdout"):
+        assert row in text, row
+    assert "usd/day $5.00 per key" in text and "60 rpm per key (reject)" in text
+    assert "admin token  not set" in text
+    access = [line for line in text.splitlines() if "POST /v1/chat/completions" in line]
+    assert len(access) == 2
+    assert " 200 POST /v1/chat/completions gpt-4o MISS " in access[0] and " tok " in access[0]
+    assert access[0].rstrip().endswith("ms") and "$0.0000" in access[0]
+    assert " HIT " in access[1] and "saved $" in access[1]
+    assert "draining 0 requests in flight, up to 30 s" in text
+    assert text.rstrip().endswith("thriftgate: stopped")
+
+
+def test_auto_is_console_on_a_terminal_only() -> None:
+    import io
+
+    from proxy.console import resolve_format
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert resolve_format("auto", Terminal()) == "console"
+    assert resolve_format("auto", io.StringIO()) == "json"
+    assert resolve_format("json", Terminal()) == "json"
+
+
+def test_a_bad_log_format_is_a_configuration_error(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--port", "0"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "THRIFTGATE_LOG_FORMAT": "pretty"},
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "THRIFTGATE_LOG_FORMAT: 'pretty' is not one of auto, console, json" in out.stderr
