@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     _log_flags(serve)
+    doctor = sub.add_parser(
+        "doctor",
+        help="check the configuration end to end: upstreams, key, Redis, usage log, port",
+    )
+    doctor.add_argument("--config", help="TOML config file (env THRIFTGATE_CONFIG)")
+    doctor.add_argument("--upstream", help="check this base URL instead of the configured one")
+    doctor.add_argument("--port", type=int, help="the port serve would listen on")
+    doctor.add_argument(
+        "--key", help="an API key to try GET /models with (default: the configured upstream key)"
+    )
     tokens = sub.add_parser("tokens", help="count the prompt tokens of a request body, offline")
     tokens.add_argument(
         "request", help="a JSON request body (chat, embeddings or completions); - for stdin"
@@ -115,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
     if args.command == "serve":
         return serve(args, list(sys.argv[1:] if argv is None else argv))
+    if args.command == "doctor":
+        return run_doctor(args)
     if args.command == "tokens":
         return count_tokens(args.request, args.model)
     if args.command == "fingerprint":
@@ -178,6 +190,15 @@ def count_tokens(path: str, model: str | None) -> int:
             line += f"; at most ${most:.6f} with {output} output tokens"
         print(line)
     return 0
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from proxy.doctor import FAIL, render, run_checks
+
+    flags = {"upstream": args.upstream, "port": args.port}
+    checks = asyncio.run(run_checks(flags, args.config, args.key))
+    print(render(checks))
+    return 1 if any(c.result == FAIL for c in checks) else 0
 
 
 def usage_report(args: argparse.Namespace) -> int:
