@@ -23,7 +23,7 @@ from proxy import __version__
 from proxy.alerts import Alerts
 from proxy.budget import BudgetStage
 from proxy.cache import CacheStage
-from proxy.config import Settings
+from proxy.config import Settings, redact_url
 from proxy.console import access_writer
 from proxy.context import RequestContextStage, context_of
 from proxy.errors import UpstreamTimeout, UpstreamUnavailable, error_middleware, error_response
@@ -107,6 +107,19 @@ async def send_upstream(
         target.failed(pool.clock())
     else:
         target.succeeded()
+    if (
+        reply.status == 404
+        and target.hint_v1
+        and "json" not in reply.headers.get("Content-Type", "")
+    ):
+        target.hint_v1 = False  # once per upstream
+        structlog.get_logger("thriftgate").warning(
+            "upstream_not_found",
+            upstream=target.name,
+            path=request.path,
+            hint=f"the upstream answered 404 (not in OpenAI's format) and its URL "
+            f"({redact_url(target.url)}) does not end in /v1: is /v1 missing?",
+        )
     if ctx is not None:
         ctx.upstream_ms = round((time.monotonic() - t0) * 1000, 3)
     return reply

@@ -161,5 +161,11 @@ def banner(facts: dict[str, Any]) -> str:
     url = facts["listen"]
     lines = [f"thriftgate {facts['version']} listening on {url} (pid {facts['pid']})"]
     lines += [f"  {name:<12} {value}" for name, value in rows]
+    for upstream in facts["upstreams"]:
+        if not upstream.split("?")[0].rstrip("/").endswith("/v1"):
+            lines.append(
+                f"  warning: the upstream {upstream} does not end in /v1 (OpenAI's API is at "
+                "https://api.openai.com/v1); requests may get 404"
+            )
     lines.append(f"  point clients at OPENAI_BASE_URL={url}/v1 · check: curl {url}/readyz")
     return "\n".join(lines)

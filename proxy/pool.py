@@ -51,6 +51,8 @@ class Target:
         self.failures = 0
         self.opened_at = 0.0
         self.probing = False
+        # the base URL does not end in /v1: a 404 that is not OpenAI's is worth one warning
+        self.hint_v1 = not URL(self.base).path.rstrip("/").endswith("/v1")
 
     def available(self, now: float) -> bool:
         if self.state == OPEN and now >= self.opened_at + self.cooldown_s:

@@ -282,3 +282,18 @@ def test_a_bad_log_format_is_a_configuration_error(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "THRIFTGATE_LOG_FORMAT: 'pretty' is not one of auto, console, json" in out.stderr
+
+
+def test_the_banner_warns_of_an_upstream_without_v1() -> None:
+    from proxy.config import load_settings
+    from proxy.console import banner, summary
+
+    settings = load_settings(env={"THRIFTGATE_UPSTREAM_URL": "http://user:pw@llm.internal:8000"})
+    facts = summary(
+        settings, url="http://127.0.0.1:8080", redis="off", cache="memory", cache_bytes=1
+    )
+    text = banner(facts)
+    assert "does not end in /v1" in text and "pw" not in text
+    assert "does not end in /v1" not in banner(
+        {**facts, "upstreams": ["https://api.openai.com/v1"]}
+    )

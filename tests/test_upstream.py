@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import hashlib
 from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 import orjson
@@ -314,3 +315,30 @@ async def test_upstream_errors_pass_through_unchanged(proxy: Proxy, fake: FakeOp
         assert await r.read() == body
         assert r.headers["retry-after"] == "7"
         assert "x-thriftgate-error" not in r.headers
+
+
+async def test_a_404_from_an_upstream_without_v1_is_explained_in_the_log(
+    make_proxy: MakeProxy, upstream: TestServer, app_logs: Any
+) -> None:
+    from aiohttp import web
+
+    async def nginx_404(request: web.Request) -> web.Response:
+        return web.Response(status=404, text="404: Not Found")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", nginx_404)
+    bare = TestServer(app)
+    await bare.start_server()
+    try:
+        proxy = await make_proxy(upstream=str(bare.make_url("")))
+        before = len(app_logs.lines())
+        for _ in range(2):
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(proxy.url + "/v1/models", headers=AUTH) as r,
+            ):
+                assert r.status == 404 and await r.text() == "404: Not Found"  # untouched
+        hints = [x for x in app_logs.lines()[before:] if x["event"] == "upstream_not_found"]
+        assert len(hints) == 1 and "is /v1 missing?" in hints[0]["hint"]  # once
+    finally:
+        await bare.close()
