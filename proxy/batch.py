@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 
 from proxy.pricing import PriceTable
+from proxy.upstream import unreachable
 from proxy.usage import token_fields
 
 SUPPORTED_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses")
@@ -142,6 +143,8 @@ class Stats:
     succeeded: int = 0
     failed: int = 0
     cost_usd: float = 0.0
+    saved_usd: float = 0.0  # answers the proxy's cache served: what they would have cost
+    cache_hits: int = 0
     priced: bool = False
     max_in_flight: int = 0
     via: str = ""
@@ -149,7 +152,13 @@ class Stats:
     notes: list[str] = field(default_factory=list)
 
     def count(
-        self, result: dict[str, Any], model: str | None, prices: PriceTable, batch: bool
+        self,
+        result: dict[str, Any],
+        model: str | None,
+        prices: PriceTable,
+        batch: bool,
+        *,
+        hit: bool = False,
     ) -> None:
         response = result.get("response") or {}
         status = response.get("status_code") or 0
@@ -161,11 +170,17 @@ class Stats:
         if isinstance(body, dict) and isinstance(body.get("usage"), dict):
             cost = prices.cost(body.get("model") or model, token_fields(body["usage"]), batch=batch)
             if cost is not None:
-                self.cost_usd += cost
+                if hit:  # served by the proxy's cache: nothing was spent
+                    self.saved_usd += cost
+                else:
+                    self.cost_usd += cost
                 self.priced = True
+        self.cache_hits += hit
 
     def summary(self) -> str:
         cost = f", cost ${self.cost_usd:,.6f}" if self.priced else ""
+        if self.cache_hits:
+            cost += f", {self.cache_hits} cache hits saved ${self.saved_usd:,.6f}"
         price = " (Batch API prices)" if self.via == "api" else ""
         return (
             f"thriftgate batch: {self.total} requests via {self.via}: {self.succeeded} succeeded, "
@@ -257,8 +272,13 @@ async def run_proxy(
     """Each line as its own request, ``concurrency`` at a time; each result appended to
     ``output`` as soon as it is in (so an interruption loses nothing already received)."""
     stats = Stats(total=len(lines), via="proxy")
-    _, todo = outstanding(lines, output)
+    done, todo = outstanding(lines, output)
     stats.skipped = len(lines) - len(todo)
+    if any(line.custom_id in done for line in todo):  # (done is empty without a file)
+        # failed results of an earlier run are sent again: their old lines go, so the output
+        # keeps exactly one line per custom_id (the answered ones, in input order)
+        kept = {c: r for c, r in done.items() if answered(r)}
+        _write_sorted(output, [line for line in lines if line.custom_id in kept], kept)
     semaphore = asyncio.Semaphore(concurrency)
     in_flight = 0
     finished = 0
@@ -272,11 +292,11 @@ async def run_proxy(
                 in_flight += 1
                 stats.max_in_flight = max(stats.max_in_flight, in_flight)
                 try:
-                    result = await _send(client, line)
+                    result, hit = await _send(client, line)
                 finally:
                     in_flight -= 1
             out.write(orjson.dumps(result, option=orjson.OPT_APPEND_NEWLINE))
-            stats.count(result, line.body.get("model"), prices, batch=False)
+            stats.count(result, line.body.get("model"), prices, batch=False, hit=hit)
             finished += 1
             if progress is not None:
                 progress.show(stats.skipped + finished, stats.failed)
@@ -285,7 +305,8 @@ async def run_proxy(
     return stats
 
 
-async def _send(client: Client, line: Line) -> dict[str, Any]:
+async def _send(client: Client, line: Line) -> tuple[dict[str, Any], bool]:
+    """The result line for ``line``, and whether the proxy's cache answered it."""
     try:
         async with client.session.post(
             client.url(line.url),
@@ -302,9 +323,11 @@ async def _send(client: Client, line: Line) -> dict[str, Any]:
                 "request_id": r.headers.get("x-request-id"),
                 "body": body,
             }
-            return _result(line.custom_id, response, None)
+            hit = r.headers.get("x-thriftgate-cache") == "HIT"
+            return _result(line.custom_id, response, None), hit
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return _result(line.custom_id, None, {"code": "request_failed", "message": repr(exc)[:500]})
+        message = f"{client.base} could not be reached: {unreachable(exc)}"
+        return _result(line.custom_id, None, {"code": "request_failed", "message": message}), False
 
 
 # -- the Batch API --------------------------------------------------------------------------------
@@ -505,6 +528,7 @@ async def run(
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=900)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         client = Client(session, base_url, api_key)
+        await preflight(client)
         try:
             if via in ("api", "auto"):
                 try:
@@ -530,6 +554,23 @@ async def run(
             return stats
         finally:
             progress.end()
+
+
+async def preflight(client: Client) -> None:
+    """Something answers at the base URL (any HTTP status will do), before anything is sent."""
+    try:
+        async with client.session.get(
+            client.url("/v1/models"),
+            headers=client.headers,
+            timeout=aiohttp.ClientTimeout(total=30),
+        ) as r:
+            await r.read()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise BatchError(
+            f"nothing answers at {client.base}: {unreachable(exc)}. Is the proxy running "
+            "(thriftgate serve)? Or give the address with --base-url (or THRIFTGATE_BATCH_BASE_URL)"
+            ". Nothing was sent."
+        ) from None
 
 
 async def show(

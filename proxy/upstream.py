@@ -231,8 +231,9 @@ def where(url: URL) -> str:
     return f"{url.host}:{url.port}" if url.port is not None else str(url.host)
 
 
-def unreachable(exc: BaseException, settings: UpstreamSettings) -> str:
+def unreachable(exc: BaseException, settings: UpstreamSettings | None = None) -> str:
     """Why an upstream could not be reached, in words a person can act on."""
+    settings = settings or UpstreamSettings()
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return "its name does not resolve (DNS); check the host name in the upstream URL"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):

@@ -255,7 +255,7 @@ class FakeOpenAI:
         self.batch_polls_to_finish = 3  # GETs of a batch before it completes
         self.in_flight = 0  # requests being answered now, and the most at once
         self.max_in_flight = 0
-        self.slow: asyncio.Event | None = None  # every request waits on it (to measure overlap)
+        self.slow: asyncio.Event | None = None  # every POST waits on it (to measure overlap)
         self.responses_made: dict[str, dict[str, Any]] = {}  # stored responses (store: true)
         self.form_seen = asyncio.Event()  # an upload's first form part has arrived
         self.uploads: list[dict[str, Any]] = []  # each upload's form fields and file sizes
@@ -343,7 +343,7 @@ class FakeOpenAI:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            if self.slow is not None:
+            if self.slow is not None and request.method == "POST":
                 await asyncio.sleep(0)  # let the other requests of a burst arrive
                 await self.slow.wait()
             try:

@@ -175,7 +175,9 @@ async def test_via_proxy_bounded_concurrency_and_immediate_appends(
     assert sorted(r["custom_id"] for r in got) == sorted(f"req-{i}" for i in range(12))
     assert all(r["response"]["status_code"] == 200 and r["error"] is None for r in got)
     assert stats.succeeded == 12 and stats.cost_usd > 0
-    assert len(await proxy.usage.wait(12)) == 12  # every line went through the proxy's chain
+    records = await proxy.usage.wait(13)  # every line went through the proxy's chain...
+    assert [r["method"] for r in records].count("POST") == 12
+    assert records[0]["endpoint"] == "/v1/models"  # ...after one look that it is there
 
 
 async def test_auto_falls_back_without_a_batch_api(
@@ -274,6 +276,43 @@ async def test_resume_skips_what_was_answered(
     assert fake.calls("/v1/chat/completions") - before == 2
     answered = {r["custom_id"] for r in batch.read_output(output).values() if batch.answered(r)}
     assert answered == {f"req-{i}" for i in range(5)}
+    # exactly one line per custom_id: the failed and the cut lines were replaced, not kept
+    ids = [r["custom_id"] for r in results(output)]
+    assert sorted(ids) == [f"req-{i}" for i in range(5)]
+
+
+async def test_nothing_is_sent_when_nothing_answers_at_the_base_url(tmp_path: Path) -> None:
+    from conftest import free_port
+
+    output = tmp_path / "out.jsonl"
+    with pytest.raises(batch.BatchError) as refused:
+        await batch.run(
+            write_input(tmp_path / "in.jsonl", [chat_line(1)]),
+            str(output),
+            via="proxy",
+            base_url=f"http://127.0.0.1:{free_port()}/v1",
+            api_key=API_KEY,
+            concurrency=2,
+            prices=PRICES,
+        )
+    message = str(refused.value)
+    assert "connection refused" in message and "Is the proxy running" in message
+    assert "--base-url" in message and "ConnectionKey" not in message
+    assert not output.exists()
+
+
+async def test_cache_hits_are_counted_as_saved_not_spent(
+    proxy: Proxy, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    items = [chat_line(i) for i in range(3)]
+    path = write_input(tmp_path / "in.jsonl", items)
+    first = await run(proxy, path, tmp_path / "a.jsonl", "proxy")
+    again = await run(proxy, path, tmp_path / "b.jsonl", "proxy")
+    assert fake.calls("/v1/chat/completions") == 3  # the second run was served from the cache
+    assert first.cost_usd > 0 and first.cache_hits == 0
+    assert again.cache_hits == 3 and again.cost_usd == 0
+    assert again.saved_usd == pytest.approx(first.cost_usd)
+    assert "3 cache hits saved $" in again.summary() and "cost $0.000000" in again.summary()
 
 
 async def test_an_interrupted_api_run_picks_up_its_batch(
