@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import json
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     usage = sub.add_parser("usage", help="totals from usage logs: requests, tokens, cost, ...")
     usage.add_argument(
-        "files", nargs="*", default=["-"], help="usage logs, plain or gzipped; - or none: stdin"
+        "files",
+        nargs="*",
+        help="usage logs, plain or gzipped; - (or none, when piped): stdin",
     )
     usage.add_argument("--since", help="from this time: 2026-11-22, 2026-11-22T10:00Z, 24h, 7d")
     usage.add_argument("--until", help="up to (not including) this time, same forms")
@@ -121,6 +124,18 @@ def _log_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: a word, not a traceback
+        print("\nthriftgate: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `thriftgate usage ... | head`: the reader left, nothing to say
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the final flush
+        return 0
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
     if args.command == "serve":
@@ -209,17 +224,38 @@ def usage_report(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"thriftgate: {exc}", file=sys.stderr)
         return 2
+    files = args.files or ["-"]
+    if files == ["-"] and not args.files and sys.stdin.isatty():
+        with contextlib.suppress(SystemExit):  # argparse exits after printing the help
+            build_parser().parse_args(["usage", "--help"])
+        print(
+            "\nthriftgate: give a usage log (a file, or piped in): nothing to read from a terminal",
+            file=sys.stderr,
+        )
+        return 2
     report = Report(tuple(dict.fromkeys(args.by)), since, until)
-    for path in args.files:
+    for path in files:
         try:
             with open_log(path) as lines:
-                report.feed(lines)
+                report.feed(lines, "stdin" if path == "-" else path)
         except (OSError, EOFError) as exc:
             print(f"thriftgate: cannot read {path}: {exc}", file=sys.stderr)
             return 2
+    if report.foreign and not report.total.requests:
+        print(
+            f"thriftgate: no usage records found; {report.first_foreign}",
+            file=sys.stderr,
+        )
+        return 2
     render(report, args.format, sys.stdout)
     if report.skipped:
         print(f"thriftgate: skipped {report.skipped} malformed lines", file=sys.stderr)
+    if report.foreign:
+        print(
+            f"thriftgate: skipped {report.foreign} lines that are not usage records (first: "
+            f"{report.first_foreign})",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -136,6 +136,21 @@ def _ts(record: dict[str, Any]) -> float | None:
         return None
 
 
+def not_a_record(record: Any) -> str | None:
+    """Why a JSON value is not a usage-log record, or None if it is one."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    if "event" in record and "level" in record:
+        return (
+            f"it is an operational log event ({str(record['event'])[:40]!r}), not a usage record: "
+            "the usage log is what serve writes to stdout or to THRIFTGATE_USAGE_LOG"
+        )
+    missing = [f for f in ("request_id", "endpoint", "status") if f not in record]
+    if missing:
+        return f"no {', '.join(missing)} field: not a thriftgate usage record"
+    return None
+
+
 def open_log(path: str, stdin: IO[bytes] | None = None) -> IO[bytes]:
     """A file (gzipped or not: told by its first bytes) or ``-`` for stdin."""
     raw: IO[bytes] = (stdin or sys.stdin.buffer) if path == "-" else open(path, "rb")  # noqa: SIM115
@@ -154,9 +169,11 @@ class Report:
     total: Totals = field(default_factory=Totals)
     skipped: int = 0  # malformed lines
     outside: int = 0  # lines outside --since/--until
+    foreign: int = 0  # JSON lines that are not usage records (an operational log, ...)
+    first_foreign: str | None = None  # where the first one was, and why it is not a record
 
-    def feed(self, lines: Iterable[bytes]) -> None:
-        for line in lines:
+    def feed(self, lines: Iterable[bytes], source: str = "-") -> None:
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -164,8 +181,11 @@ class Report:
             except orjson.JSONDecodeError:
                 self.skipped += 1
                 continue
-            if not isinstance(record, dict) or "request_id" not in record:
-                self.skipped += 1
+            why = not_a_record(record)
+            if why is not None:
+                self.foreign += 1
+                if self.first_foreign is None:
+                    self.first_foreign = f"{source}, line {n}: {why}"
                 continue
             if self.since is not None or self.until is not None:
                 ts = _ts(record)
@@ -221,6 +241,15 @@ COLUMNS = (
 OPTIONAL = frozenset({"images", "audio_minutes", "unpriced"})
 
 
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row[key]
+    if value is None:
+        return "-"
+    if key == "cost_usd" and row["unpriced"]:  # some calls have no known cost: never shown as 0
+        return "unknown" if not value else fmt.format(value) + "+?"
+    return fmt.format(value)
+
+
 def render(report: Report, fmt: str, out: IO[str]) -> None:
     rows = list(report.rows())
     if fmt == "json":
@@ -249,7 +278,7 @@ def render(report: Report, fmt: str, out: IO[str]) -> None:
     table = [
         [
             *(str(row[name]) for name in report.by),
-            *("-" if row[k] is None else f.format(row[k]) for k, _, f in columns),
+            *(_cell(row, k, f) for k, _, f in columns),
         ]
         for row in rows
     ]

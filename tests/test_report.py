@@ -79,7 +79,7 @@ def lines(records: list[dict[str, Any]]) -> bytes:
 def test_totals_equal_a_hand_computation() -> None:
     report = Report(("model",))
     report.feed([*lines(RECORDS).splitlines(), b"not json", b"[1, 2]", b""])
-    assert report.skipped == 2
+    assert report.skipped == 1 and report.foreign == 1  # not JSON; JSON but not a record
     total = report.total.row()
     assert total["requests"] == 5
     assert total["tokens"] == 100 + 100 + 100 + 7
@@ -190,3 +190,82 @@ async def test_the_report_covers_responses_images_and_audio(proxy: Proxy, tmp_pa
     table = run(str(log), "--by", "endpoint").stdout.decode()
     assert "images" in table and "audio min" in table and "unpriced" in table
     assert "/v1/responses" in table
+
+
+def test_an_operational_log_is_refused_with_the_line_and_why(tmp_path: Path) -> None:
+    app_log = tmp_path / "thriftgate.log"
+    events = [
+        {"event": "listening", "level": "info", "ts": "2026-12-02T10:00:00Z", "port": 8080},
+        {"event": "retrying", "level": "info", "request_id": "r1", "attempt": 1},
+    ]
+    app_log.write_bytes(lines(events))
+    out = run(str(app_log))
+    assert out.returncode == 2 and out.stdout == b""
+    assert f"{app_log}, line 1: it is an operational log event ('listening')".encode() in out.stderr
+    # a usage log with a few foreign lines mixed in: those are skipped, and said so
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(lines(RECORDS[:2]) + lines(events[1:]))
+    out = run(str(mixed), "--format", "json")
+    assert out.returncode == 0 and json.loads(out.stdout)["total"]["requests"] == 2
+    assert b"skipped 1 lines that are not usage records (first: " in out.stderr
+    assert f"{mixed}, line 3".encode() in out.stderr
+
+
+def test_an_unknown_cost_is_shown_as_unknown(tmp_path: Path) -> None:
+    log = tmp_path / "usage.jsonl"
+    log.write_bytes(lines([rec(1, model="house-model", cost_usd=None), rec(2, cost_usd=0.002)]))
+    table = run(str(log), "--by", "model").stdout.decode()
+    house = next(line for line in table.splitlines() if line.startswith("house-model"))
+    assert " unknown " in house
+    total = table.splitlines()[-1]
+    assert "0.0020+?" in total  # a total that misses a cost says so
+
+
+def test_no_file_on_a_terminal_prints_help_instead_of_waiting() -> None:
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "proxy", "usage"],
+            stdin=follower,
+            capture_output=True,
+            timeout=30,
+        )
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert out.returncode == 2
+    assert b"usage: thriftgate usage" in out.stdout
+    assert b"nothing to read from a terminal" in out.stderr
+
+
+def test_ctrl_c_is_a_word_not_a_traceback() -> None:
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "usage", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(lines(RECORDS[:1]))  # it is reading, and waits for more
+    proc.stdin.flush()
+    import time
+
+    deadline = time.monotonic() + 20
+    # the program is up once it blocks reading its stdin (the kernel says where it waits)
+    while time.monotonic() < deadline and not _waiting_on(proc.pid).endswith("pipe_read"):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert b"Traceback" not in err and b"interrupted" in err
+
+
+def _waiting_on(pid: int) -> str:
+    """The kernel function the process sleeps in (``pipe_read``: blocked reading a pipe)."""
+    with open(f"/proc/{pid}/wchan") as fh:
+        return fh.read().strip()
