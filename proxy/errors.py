@@ -135,7 +135,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         type_ = "invalid_request_error" if exc.status < 500 else "server_error"
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else None
         if exc.status == 404:
-            message = f"Unknown path {request.path}: thriftgate serves /v1/*, /healthz and /readyz"
+            message = (
+                f"Unknown path {request.path}: thriftgate serves the OpenAI API under /v1/* "
+                "(point OPENAI_BASE_URL at <this address>/v1), and /healthz, /readyz and /metrics"
+            )
         if exc.status == 413:
             message = (
                 f"The request body is larger than this proxy's limit of "

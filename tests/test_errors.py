@@ -74,6 +74,9 @@ async def test_unknown_paths_and_methods(proxy: Proxy) -> None:
         async with s.get(proxy.url + "/v2/whatever") as r:
             assert r.status == 404
             assert_envelope(await r.json(), "invalid_request_error", "not_found")
+        async with s.get(proxy.url + "/") as r:
+            message = (await r.json())["error"]["message"]
+            assert "/v1/*" in message and "/metrics" in message and "OPENAI_BASE_URL" in message
         async with s.post(proxy.url + "/healthz") as r:
             assert r.status == 405
             assert_envelope(await r.json(), "invalid_request_error", "method_not_allowed")
