@@ -25,11 +25,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = 1
-    shutdown_grace_s: float = 30.0
-    max_body_bytes: int = 100 * 1024 * 1024
+    host: str = "127.0.0.1"  # address to listen on (the Docker image: 0.0.0.0)
+    port: int = 8080  # port to listen on (0: any free port)
+    workers: int = 1  # processes sharing the port (SO_REUSEPORT)
+    shutdown_grace_s: float = 30.0  # on SIGTERM, in-flight requests run on this long
+    max_body_bytes: int = 100 * 1024 * 1024  # a larger request body (decoded) gets 413
     admin_token: str | None = field(default=None, repr=False)  # protects /metrics when set
     metrics_dir: str | None = None  # workers share their counters here (set by --workers N)
     # the HMAC key of the tenant scope (cache, budgets, limits); every replica sharing a Redis
@@ -54,11 +54,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
-    url: str = "https://api.openai.com/v1"
+    url: str = "https://api.openai.com/v1"  # the OpenAI-compatible base URL, ending in /v1
+    # sent upstream instead of the client's key (a sidecar)
     api_key: str | None = field(default=None, repr=False)
-    connect_timeout_s: float = 10.0
-    first_byte_timeout_s: float = 600.0
-    total_timeout_s: float = 1800.0
+    connect_timeout_s: float = 10.0  # to open a connection
+    first_byte_timeout_s: float = 600.0  # from the request sent to the answer's status and headers
+    total_timeout_s: float = 1800.0  # a whole answer, stream included
     idle_timeout_s: float = 300.0  # streams: the longest silence between two chunks
     max_connections: int = 0  # 0: unlimited
     breaker_failures: int = 5  # consecutive failures that take an upstream out of the rotation
@@ -69,16 +70,16 @@ class UpstreamSettings:
 class UpstreamTarget:
     """One OpenAI-compatible base URL of several (``[[upstreams]]`` in the TOML file)."""
 
-    url: str
-    api_key: str | None = field(default=None, repr=False)
-    weight: float = 1.0
+    url: str  # the upstream's base URL (credentials in it are used, never shown)
+    api_key: str | None = field(default=None, repr=False)  # its own key (default: upstream.api_key)
+    weight: float = 1.0  # share of the traffic, relative to the others
     name: str = ""  # default: host[:port]
 
 
 @dataclass(frozen=True, slots=True)
 class UsageSettings:
     log_path: str | None = None  # None: one JSON line per request on stdout
-    enabled: bool = True
+    enabled: bool = True  # false: no usage log (metrics and alerts still see every request)
     redis_stream: str | None = None  # also XADD each record to this Redis stream (needs Redis)
     redis_stream_maxlen: int = 1_000_000  # the stream is trimmed to about this many records
     force_stream_usage: bool = False  # ask for the usage chunk, strip it before the client sees it
@@ -86,6 +87,7 @@ class UsageSettings:
 
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
+    # redis://, rediss:// or unix:// URL (unset: in-process stores)
     url: str | None = field(default=None, repr=False)
     timeout_s: float = 0.25  # one operation; past it the operation is skipped, never the request
     retry_after_s: float = 1.0  # after a failure Redis is left alone this long, then tried again
@@ -95,22 +97,22 @@ class RedisSettings:
 
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
-    enabled: bool = True
+    enabled: bool = True  # the exact-match response cache
     backend: str = "auto"  # auto (redis when a Redis URL is set, else memory) | memory | redis
-    ttl_s: float = 3600.0
+    ttl_s: float = 3600.0  # how long an answer is served again
     scope: str = "key"  # key: per API key + organization + project | shared: across keys
     max_bytes: int = 256 * 1024 * 1024  # memory backend: total size of the stored answers
     max_entry_bytes: int = 8 * 1024 * 1024  # a larger answer is passed through, not stored
     local_max_bytes: int = 64 * 1024 * 1024  # with Redis: in-process copy of hot answers (0: off)
     exclude_models: tuple[str, ...] = ()  # names or shell patterns ("gpt-4o-audio*")
-    only_temperature_zero: bool = False
-    redis_prefix: str = "thriftgate:cache:"
+    only_temperature_zero: bool = False  # cache chat and completions only at temperature 0
+    redis_prefix: str = "thriftgate:cache:"  # Redis key prefix of cached answers
     compress_min_bytes: int = 1024  # Redis values at least this large are stored zlib-compressed
 
 
 @dataclass(frozen=True, slots=True)
 class RetrySettings:
-    enabled: bool = True
+    enabled: bool = True  # retry transient upstream failures
     max_attempts: int = 3  # per request: x-thriftgate-max-retries (retries, so attempts - 1)
     initial_wait_s: float = 0.5  # full jitter: a random wait up to initial * 2^(n-1)...
     max_wait_s: float = 8.0  # ...and never more than this
@@ -123,12 +125,12 @@ class RetrySettings:
 class BudgetSettings:
     """Per-key spending limits (0: unlimited); ``[keys."..."]`` tables override them per key."""
 
-    tokens_per_day: int = 0
-    tokens_per_month: int = 0
-    usd_per_day: float = 0.0
-    usd_per_month: float = 0.0
+    tokens_per_day: int = 0  # every key's token budget per UTC day (0: none)
+    tokens_per_month: int = 0  # ...per UTC month
+    usd_per_day: float = 0.0  # every key's USD budget per UTC day (0: none)
+    usd_per_month: float = 0.0  # ...per UTC month
     output_reserve_tokens: int = 1024  # reserved for the answer of a request that sets no limit
-    redis_prefix: str = "thriftgate:budget:"
+    redis_prefix: str = "thriftgate:budget:"  # Redis key prefix of budget counters
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,14 +152,14 @@ class RateLimitSettings:
     rpm: int = 0  # requests per minute, the refill rate...
     rpm_burst: int = 0  # ...and the bucket's capacity (0: one minute's worth)
     tpm: int = 0  # tokens per minute
-    tpm_burst: int = 0
+    tpm_burst: int = 0  # the token bucket's capacity (0: one minute's worth)
     mode: str = "reject"  # reject | queue
     max_wait_s: float = 30.0  # queue mode: the longest a request waits for room
     default_output_tokens: int = 1024  # charged for the answer of a request that sets no limit
     expose_headers: bool = False  # x-ratelimit-* of the proxy's own buckets on successful answers
     adaptive: bool = True  # hold requests back when the upstream says its limits are nearly spent
     adaptive_min_remaining: float = 0.02  # ...below this fraction of the upstream's limit
-    redis_prefix: str = "thriftgate:rl:"
+    redis_prefix: str = "thriftgate:rl:"  # Redis key prefix of the buckets
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +167,8 @@ class AlertSettings:
     """Alert rules (0: off); a rule fires once per ``cooldown_s`` per scope."""
 
     webhook_url: str | None = field(default=None, repr=False)  # POST {"text": ...} (Slack-style)
-    webhook_timeout_s: float = 5.0
-    cooldown_s: float = 3600.0
+    webhook_timeout_s: float = 5.0  # a webhook POST gives up after this
+    cooldown_s: float = 3600.0  # an alert fires at most once per rule and scope in this time
     spend_usd_per_hour: float = 0.0  # everything spent in the current UTC hour
     spend_usd_per_day: float = 0.0  # ...in the current UTC day
     key_spend_usd_per_hour: float = 0.0  # any one key, in the current UTC hour
@@ -174,7 +176,7 @@ class AlertSettings:
     budget_warn_fraction: float = 0.8  # a key's budget this far used (and when it is spent)
     error_rate: float = 0.0  # share of requests failing upstream (5xx) within window_s
     cache_hit_rate_below: float = 0.0  # hit rate of cacheable requests within window_s
-    window_s: float = 300.0
+    window_s: float = 300.0  # the window of the error-rate and hit-rate rules
     min_requests: int = 20  # the window rules need this many requests first
 
 
@@ -182,7 +184,7 @@ class AlertSettings:
 class MicrobatchSettings:
     """Embeddings micro-batching in the proxy (opt-in: merged answers are re-serialised)."""
 
-    embeddings: bool = False
+    embeddings: bool = False  # merge concurrent embeddings requests (opt-in)
     window_ms: float = 5.0  # requests arriving this soon after the first are merged with it
     max_inputs: int = 2048  # OpenAI's limit of inputs per embeddings request
     max_tokens: int = 300_000  # ...and of tokens summed over them
@@ -193,6 +195,7 @@ class BatchSettings:
     """``thriftgate batch``: where to send, and how."""
 
     base_url: str = "http://127.0.0.1:8080/v1"  # thriftgate itself by default
+    # the key thriftgate batch sends (OPENAI_API_KEY)
     api_key: str | None = field(default=None, repr=False)
     concurrency: int = 16  # --via proxy: requests in flight at once
     poll_initial_s: float = 5.0  # --via api: the first wait between polls of the batch...
@@ -204,15 +207,16 @@ class KeyPolicy:
     """A ``[keys."alias"]`` table: who a key is and its own limits (None: the default)."""
 
     alias: str
-    fingerprint: str
-    tokens_per_day: int | None = None
-    tokens_per_month: int | None = None
-    usd_per_day: float | None = None
-    usd_per_month: float | None = None
-    rpm: int | None = None
-    rpm_burst: int | None = None
-    tpm: int | None = None
-    tpm_burst: int | None = None
+    fingerprint: str  # the key's 12-hex fingerprint or full SHA-256 (thriftgate fingerprint)
+    # this key's own budgets and limits ([budget] and [ratelimit] keys); unset: the defaults
+    tokens_per_day: int | None = None  # tokens per UTC day
+    tokens_per_month: int | None = None  # tokens per UTC month
+    usd_per_day: float | None = None  # USD per UTC day
+    usd_per_month: float | None = None  # USD per UTC month
+    rpm: int | None = None  # requests per minute
+    rpm_burst: int | None = None  # the request bucket's capacity
+    tpm: int | None = None  # tokens per minute
+    tpm_burst: int | None = None  # the token bucket's capacity
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,8 +225,8 @@ class ModelLimit:
     (the organisation's own upstream limits)."""
 
     pattern: str
-    rpm: int = 0
-    tpm: int = 0
+    rpm: int = 0  # requests per minute for every key together (0: none)
+    tpm: int = 0  # tokens per minute, likewise
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +242,7 @@ class Price:
     audio_input: float | None = None  # audio input tokens (None: the input price)
     per_minute: float = 0.0  # audio transcribed or translated, per minute
     per_million_characters: float = 0.0  # speech, per 1M input characters
-    # per image: (("<quality> <size>", usd), ...), e.g. ("standard 1024x1024", 0.04)
+    # per image, a table of "<quality> <size>" = USD ("standard 1024x1024" = 0.04)
     per_image: tuple[tuple[str, float], ...] = ()
 
 
@@ -247,8 +251,8 @@ class ModelInfo:
     """A model's limits: the catalogue's entries and the config's ``[models."name"]`` tables."""
 
     name: str
-    context_window: int
-    max_output_tokens: int = 0
+    context_window: int  # prompt plus output, in tokens
+    max_output_tokens: int = 0  # the most output tokens (0: unknown)
 
 
 _SECTIONS: dict[str, type] = {
