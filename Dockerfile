@@ -12,7 +12,11 @@ COPY proxy ./proxy
 COPY config ./config
 # The tiktoken encodings are package data (proxy/data): nothing is downloaded at start-up.
 RUN pip install . \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin thriftgate
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin thriftgate \
+    && mkdir -p /var/log/thriftgate \
+    && chown thriftgate /var/log/thriftgate
+# A named volume mounted here starts out owned by the thriftgate user, so the usage log can be
+# written (THRIFTGATE_USAGE_LOG=/var/log/thriftgate/usage.jsonl; deploy/docker-compose.yml).
 
 USER thriftgate
 ENV THRIFTGATE_HOST=0.0.0.0 \
