@@ -15,6 +15,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 from yarl import URL
 
@@ -87,8 +88,19 @@ class UsageSettings:
 
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
-    # redis://, rediss:// or unix:// URL (unset: in-process stores)
+    """Redis: one server, a Redis Cluster, or a primary found through Sentinel; TLS and ACL
+    users. Shared by every replica: cache, budgets, rate limits, alerts, the usage stream."""
+
+    # redis://, rediss:// (TLS), unix://, or redis+sentinel://host:26379,host2:26379/service/db
     url: str | None = field(default=None, repr=False)
+    # auto: a Redis Cluster node is recognised at start | standalone | cluster | sentinel
+    mode: str = "auto"
+    username: str | None = None  # an ACL user (default: the URL's, else "default")
+    password: str | None = field(default=None, repr=False)  # default: the URL's
+    sentinel_password: str | None = field(default=None, repr=False)  # the sentinels' own
+    ca_file: str | None = None  # rediss://: the CA that signed the server's certificate
+    cert_file: str | None = None  # rediss:// with client certificates: this client's...
+    key_file: str | None = None  # ...and its key
     timeout_s: float = 0.25  # one operation; past it the operation is skipped, never the request
     retry_after_s: float = 1.0  # after a failure Redis is left alone this long, then tried again
     # budgets while Redis is unreachable: local (per-process counters) | closed (refuse, 503)
@@ -311,6 +323,10 @@ _SECRET_PARAM = ("key", "token", "secret", "password", "passwd", "pwd", "auth", 
 def redact_url(url: str) -> str:
     """``url`` fit to show: user-info replaced by ``***`` and the values of secret-looking query
     parameters (api-key, token, sig, ...) by ``***``. What cannot be parsed is hidden whole."""
+    if "+sentinel://" in url:  # several hosts: not a URL yarl parses
+        scheme, _, rest = url.partition("://")
+        _, at, hosts = rest.rpartition("@")
+        return f"{scheme}://{'***@' if at else ''}{hosts if at else rest}"
     try:
         parsed = URL(url)
         if parsed.user is not None or parsed.password is not None:
@@ -359,6 +375,13 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("redis", "url"): ("THRIFTGATE_REDIS_URL", "REDIS_URL"),
     ("redis", "timeout_s"): ("THRIFTGATE_REDIS_TIMEOUT_S",),
     ("redis", "on_failure"): ("THRIFTGATE_REDIS_ON_FAILURE",),
+    ("redis", "mode"): ("THRIFTGATE_REDIS_MODE",),
+    ("redis", "username"): ("THRIFTGATE_REDIS_USERNAME",),
+    ("redis", "password"): ("THRIFTGATE_REDIS_PASSWORD",),
+    ("redis", "sentinel_password"): ("THRIFTGATE_REDIS_SENTINEL_PASSWORD",),
+    ("redis", "ca_file"): ("THRIFTGATE_REDIS_CA_FILE",),
+    ("redis", "cert_file"): ("THRIFTGATE_REDIS_CERT_FILE",),
+    ("redis", "key_file"): ("THRIFTGATE_REDIS_KEY_FILE",),
     ("cache", "enabled"): ("THRIFTGATE_CACHE",),
     ("cache", "backend"): ("THRIFTGATE_CACHE_BACKEND",),
     ("cache", "ttl_s"): ("THRIFTGATE_CACHE_TTL", "OPENAI_CACHE_TTL"),
@@ -444,6 +467,54 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {value!r} is not a valid {annotation.__name__}") from None
     raise ConfigError(f"{where}: unsupported setting type {annotation!r}")
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+REDIS_MODES = ("auto", "standalone", "cluster", "sentinel")
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelURL:
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+
+def sentinel_parts(url: str) -> SentinelURL:
+    """``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]``: the sentinels,
+    the service (the primary's name in the sentinels' config), the database, the primary's
+    credentials; ``rediss+sentinel`` for TLS."""
+    scheme, _, rest = url.partition("://")
+    userinfo, at, hosts_path = rest.rpartition("@")
+    if not at:
+        userinfo, hosts_path = "", rest
+    hosts, _, path = hosts_path.partition("/")
+    sentinels = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host:
+            host, port = item.strip(), "26379"
+        if not host or not port.isdigit():
+            raise ValueError(f"{item!r} is not a sentinel host:port")
+        sentinels.append((host.strip("[]"), int(port)))
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        raise ValueError("the service name is missing (redis+sentinel://host:26379/mymaster)")
+    db = parts[1] if len(parts) > 1 else "0"
+    if not db.isdigit():
+        raise ValueError(f"{db!r} is not a database number")
+    user, _, password = userinfo.partition(":")
+    return SentinelURL(
+        tuple(sentinels),
+        parts[0],
+        int(db),
+        unquote(user) or None,
+        unquote(password) or None,
+        scheme.startswith("rediss"),
+    )
 
 
 def _redis_url_from_parts(env: Mapping[str, str]) -> str | None:
@@ -707,8 +778,27 @@ def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
         raise ConfigError(f"{s.config_file}: upstreams need distinct names: {names}")
     if s.upstream.max_connections < 0:
         fail("upstream", "max_connections", "must not be negative")
-    if s.redis.url is not None and URL(s.redis.url).scheme not in {"redis", "rediss", "unix"}:
-        fail("redis", "url", "must be a redis://, rediss:// or unix:// URL")
+    if s.redis.url is not None:
+        scheme = s.redis.url.split("://", 1)[0] if "://" in s.redis.url else ""
+        if scheme not in REDIS_SCHEMES:
+            fail(
+                "redis",
+                "url",
+                "must be a redis://, rediss://, unix:// or redis+sentinel:// URL",
+            )
+        if scheme.endswith("+sentinel"):
+            try:
+                sentinel_parts(s.redis.url)
+            except ValueError as exc:
+                fail("redis", "url", str(exc))
+    if s.redis.mode not in REDIS_MODES:
+        fail("redis", "mode", f"{s.redis.mode!r} is not one of {', '.join(REDIS_MODES)}")
+    if s.redis.mode == "sentinel" and s.redis.url and "+sentinel://" not in s.redis.url:
+        fail("redis", "mode", "sentinel needs a redis+sentinel:// URL")
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(s.redis, key)
+        if path is not None and not os.path.isfile(path):
+            fail("redis", key, f"{path} is not a readable file")
     for key in ("timeout_s", "retry_after_s"):
         if getattr(s.redis, key) <= 0:
             fail("redis", key, "must be positive")

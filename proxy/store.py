@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     BusyLoadingError,
@@ -31,7 +33,7 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from proxy.config import RedisSettings
+from proxy.config import RedisSettings, sentinel_parts
 from proxy.metrics import Metrics
 from proxy.types import METRICS, SETTINGS
 
@@ -53,16 +55,71 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, RedisError | OSError | TimeoutError)
 
 
-def open_client(settings: RedisSettings) -> aioredis.Redis:
-    """A Redis client that fails fast: short timeouts, no retries of its own."""
+def _options(settings: RedisSettings) -> dict[str, Any]:
+    """Fail fast (short timeouts, no retries of the client's own), the configured credentials and
+    TLS files."""
+    options: dict[str, Any] = {
+        "socket_timeout": settings.timeout_s,
+        "socket_connect_timeout": settings.timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
+    if settings.username is not None:
+        options["username"] = settings.username
+    if settings.password is not None:
+        options["password"] = settings.password
+    if settings.ca_file is not None:
+        options["ssl_ca_certs"] = settings.ca_file
+    if settings.cert_file is not None:
+        options["ssl_certfile"] = settings.cert_file
+    if settings.key_file is not None:
+        options["ssl_keyfile"] = settings.key_file
+    return options
+
+
+def open_client(settings: RedisSettings, *, cluster: bool = False) -> Any:
+    """The client for the configured Redis: one server, a Redis Cluster (keys spread by slot), or
+    the primary named by the sentinels (found again after a failover)."""
     assert settings.url is not None
-    return aioredis.Redis.from_url(
-        settings.url,
-        socket_timeout=settings.timeout_s,
-        socket_connect_timeout=settings.timeout_s,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
+    options = _options(settings)
+    if "+sentinel://" in settings.url:
+        found = sentinel_parts(settings.url)
+        tls = {k: v for k, v in options.items() if k.startswith("ssl_")}
+        if found.tls:
+            tls["ssl"] = True
+        sentinel_options = {
+            "socket_timeout": settings.timeout_s,
+            "socket_connect_timeout": settings.timeout_s,
+            **tls,
+        }
+        if settings.sentinel_password is not None:
+            sentinel_options["password"] = settings.sentinel_password
+        sentinel = Sentinel(list(found.sentinels), sentinel_kwargs=sentinel_options, **tls)
+        options.setdefault("username", found.username)
+        options.setdefault("password", found.password)
+        if options["username"] is None:
+            del options["username"]
+        if found.tls:
+            options["ssl"] = True
+        return sentinel.master_for(found.service, db=found.db, **options)
+    if cluster or settings.mode == "cluster":
+        options.pop("health_check_interval")
+        return RedisCluster.from_url(settings.url, **options)
+    return aioredis.Redis.from_url(settings.url, **options)
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+async def detect_cluster(client: aioredis.Redis, timeout_s: float) -> bool:
+    """Whether a plain client's server is a Redis Cluster node (``redis.mode = auto``)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            info = await client.info("cluster")
+    except Exception:  # down, or no INFO for us: the probe says so later
+        return False
+    return str(info.get("cluster_enabled", "0")) == "1"
 
 
 class RedisGuard:
@@ -74,6 +131,8 @@ class RedisGuard:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
+        self.cluster = is_cluster(client)  # scripts run once per hash slot of their keys
+        self.kind = "cluster" if self.cluster else "sentinel" if _sentinel(client) else "standalone"
         self.timeout_s = settings.timeout_s
         self.retry_after_s = settings.retry_after_s
         self.metrics = metrics
@@ -90,9 +149,10 @@ class RedisGuard:
 
     def status(self) -> dict[str, object]:
         if self.up:
-            return {"configured": True, "status": "ok"}
+            return {"configured": True, "status": "ok", "kind": self.kind}
         return {
             "configured": True,
+            "kind": self.kind,
             "status": "degraded",
             "down_since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.down_since)),
             "error": self._last_error,
@@ -154,6 +214,11 @@ class RedisGuard:
             )
 
 
+def _sentinel(client: Any) -> bool:
+    pool = getattr(client, "connection_pool", None)
+    return type(pool).__name__ == "SentinelConnectionPool"
+
+
 REDIS: web.AppKey[RedisGuard | None] = web.AppKey("redis")
 
 
@@ -166,6 +231,10 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     client = open_client(settings)
+    auto = settings.mode == "auto" and "+sentinel://" not in (settings.url or "")
+    if auto and await detect_cluster(client, settings.timeout_s):  # a Redis Cluster node
+        await client.aclose()
+        client = open_client(settings, cluster=True)
     guard = RedisGuard(client, settings, app[METRICS])
     app[REDIS] = guard
     await guard.probe()  # down now: degraded (and said so) before the port is bound
