@@ -72,9 +72,15 @@ def requested_output(body: dict[str, object]) -> int:
 # -- counters ------------------------------------------------------------------------------------
 
 
+def counter_name(prefix: str, scope: str, unit: str, label: str) -> str:
+    """A budget counter. The key's scope is the hash tag: every window of one key lives in one
+    Redis Cluster slot, so one script checks and charges them all; keys spread over the slots."""
+    return f"{prefix}{{{scope}}}:{unit}:{label}"
+
+
 @dataclass(frozen=True, slots=True)
 class Charge:
-    counter: str  # e.g. thriftgate:budget:3f1a2b3c4d5e:tokens:d20261122
+    counter: str  # e.g. thriftgate:budget:{<scope>}:tokens:d20261122
     limit: int  # 0: charged without a check
     amount: int  # may be negative (a settlement giving back part of a reservation)
     expires_at: float  # wall-clock seconds: the counter outlives its period by a day
@@ -453,7 +459,7 @@ class BudgetStage(Stage):
             amount, limit = (
                 (tokens, int(w.limit)) if w.unit == "tokens" else (usd_nano, round(w.limit * NANO))
             )
-            counter = f"{self.settings.redis_prefix}{key}:{w.unit}:{label}"
+            counter = counter_name(self.settings.redis_prefix, key, w.unit, label)
             charges.append(Charge(counter, limit, amount, ends + 86400.0))
             units.append(w.unit)
         counters, refused, values = await self.counters.take(charges)

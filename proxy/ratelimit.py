@@ -99,7 +99,9 @@ def parse_duration(text: str | None) -> float | None:
 
 @dataclass(frozen=True, slots=True)
 class Bucket:
-    name: str  # e.g. thriftgate:rl:key:3f1a2b3c4d5e:requests
+    # e.g. thriftgate:rl:{key:<scope>}:requests: the hash tag ({key:...} or {model:...}) keeps a
+    # key's buckets in one Redis Cluster slot, and a model's in one
+    name: str
     scope: str  # key | model
     kind: str  # requests | tokens
     capacity: float
@@ -244,6 +246,13 @@ return out
 SETTLE_EVERY_S = 1.0  # Redis: settlements not carried by a take within this are sent alone
 
 
+def hash_tag(name: str) -> str:
+    """The part of a Redis key that picks its cluster slot: what is inside the first {...}."""
+    start = name.find("{")
+    end = name.find("}", start + 1)
+    return name[start + 1 : end] if start >= 0 and end > start + 1 else name
+
+
 class RedisBuckets:
     """Buckets in Redis, shared by every replica; in memory while Redis is unavailable.
 
@@ -256,6 +265,7 @@ class RedisBuckets:
         self.guard = guard
         self.fallback = fallback
         self.script = guard.client.register_script(TAKE_LUA)
+        self.cluster = guard.cluster  # one script call per hash slot (a key's, a model's)
         self.pending: dict[str, tuple[Bucket, float]] = {}  # settlements not yet in Redis
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
@@ -270,10 +280,42 @@ class RedisBuckets:
         levels = tuple(float(v) for v in out[2:])
         return Verdict(bool(int(out[0])), int(out[1]) / 1000, levels)
 
+    async def _run_slots(
+        self, client: Redis, buckets: Sequence[Bucket], carried: list[float], force: bool
+    ) -> Verdict:
+        """``_run`` on a Redis Cluster: one call per hash tag (the key's buckets, a model's). A
+        later group without room gives back what the earlier ones took, so a refused request is
+        charged nothing (between the two a concurrent request may see less room: it can be
+        refused, never let through beyond a limit)."""
+        groups: dict[str, list[int]] = {}
+        for i, b in enumerate(buckets):
+            groups.setdefault(hash_tag(b.name), []).append(i)
+        if len(groups) == 1:
+            return await self._run(client, buckets, carried, force)
+        levels = [b.capacity for b in buckets]
+        taken: list[list[int]] = []
+        for n, idx in enumerate(groups.values()):
+            sub = [buckets[i] for i in idx]
+            verdict = await self._run(client, sub, [carried[i] for i in idx], force)
+            for k, i in enumerate(idx):
+                levels[i] = verdict.levels[k]
+            if verdict.ok:
+                taken.append(idx)
+                continue
+            for idx_back in taken:  # give back what the earlier groups took
+                back = [buckets[i] for i in idx_back]
+                free = [Bucket(b.name, b.scope, b.kind, b.capacity, b.rate, 0.0) for b in back]
+                await self._run(client, free, [-b.cost for b in back], True)
+            for later in list(groups.values())[n + 1 :]:  # not sent: their settlements wait
+                self._keep([(buckets[i], carried[i]) for i in later])
+            return Verdict(False, verdict.wait_s, tuple(levels))
+        return Verdict(True, 0.0, tuple(levels))
+
     async def take(self, buckets: Sequence[Bucket]) -> Verdict:
         carried = [self.pending.pop(b.name, (b, 0.0))[1] for b in buckets]
+        run = self._run_slots if self.cluster else self._run
         verdict = await self.guard.call(
-            "ratelimit", lambda c: self._run(c, buckets, carried, False), None
+            "ratelimit", lambda c: run(c, buckets, carried, False), None
         )
         if verdict is None:  # Redis unavailable: local buckets (the guard has said so)
             self._keep(list(zip(buckets, carried, strict=True)))
@@ -309,9 +351,8 @@ class RedisBuckets:
         items, self.pending = list(self.pending.values()), {}
         buckets = [Bucket(b.name, b.scope, b.kind, b.capacity, b.rate, 0.0) for b, _ in items]
         carried = [delta for _, delta in items]
-        done = await self.guard.call(
-            "ratelimit", lambda c: self._run(c, buckets, carried, True), None
-        )
+        run = self._run_slots if self.cluster else self._run
+        done = await self.guard.call("ratelimit", lambda c: run(c, buckets, carried, True), None)
         if done is None:  # Redis unavailable: the local buckets take them
             self.fallback.settle(
                 [Bucket(b.name, b.scope, b.kind, b.capacity, b.rate, d) for b, d in items]
@@ -435,18 +476,19 @@ class RateLimitStage(Stage):
         rpm, tpm = limits.rpm, limits.tpm
         if rpm:
             cap = limits.rpm_burst or rpm
-            out.append(Bucket(f"{prefix}key:{key}:requests", "key", "requests", cap, rpm / 60, 1))
+            name = f"{prefix}{{key:{key}}}:requests"
+            out.append(Bucket(name, "key", "requests", cap, rpm / 60, 1))
         if tpm:
             cap = limits.tpm_burst or tpm
-            name = f"{prefix}key:{key}:tokens"
+            name = f"{prefix}{{key:{key}}}:tokens"
             out.append(Bucket(name, "key", "tokens", cap, tpm / 60, tokens))
         for m in self.model_limits if ctx.model is not None else ():
             if ctx.model == m.pattern or fnmatch.fnmatchcase(ctx.model, m.pattern):
                 if m.rpm:
-                    name = f"{prefix}model:{m.pattern}:requests"
+                    name = f"{prefix}{{model:{m.pattern}}}:requests"
                     out.append(Bucket(name, "model", "requests", m.rpm, m.rpm / 60, 1))
                 if m.tpm:
-                    name = f"{prefix}model:{m.pattern}:tokens"
+                    name = f"{prefix}{{model:{m.pattern}}}:tokens"
                     out.append(Bucket(name, "model", "tokens", m.tpm, m.tpm / 60, tokens))
                 break
         return out
@@ -526,7 +568,7 @@ class RateLimitStage(Stage):
             b, level = next(((b, lv) for b, lv in pairs if lv < b.cost), pairs[0])
             per = "requests per min (RPM)" if b.kind == "requests" else "tokens per min (TPM)"
             unit = "requests" if b.kind == "requests" else "tokens"
-            whose = "this API key" if b.scope == "key" else f"model {b.name.rsplit(':', 2)[-2]}"
+            whose = "this API key" if b.scope == "key" else "the model's global limit"
             message = (
                 f"Rate limit reached on this {b.scope} in thriftgate for {per}: "
                 f"Limit {int(b.capacity)}, Remaining {max(math.floor(level), 0)}, Requested "

@@ -55,7 +55,7 @@ def tokens_spent(proxy: Proxy) -> int:
     label, _ = period_of(stage.clock(), "day")
     counters = stage.counters
     memory = counters if isinstance(counters, MemoryCounters) else counters.fallback  # type: ignore[attr-defined]
-    return memory.value(f"thriftgate:budget:{SCOPE}:tokens:{label}")
+    return memory.value(f"thriftgate:budget:{{{SCOPE}}}:tokens:{label}")
 
 
 # -- Redis errors: one operation, not an outage ---------------------------------------------------
@@ -304,7 +304,7 @@ async def test_keys_that_do_not_look_like_keys_share_one_anonymous_scope(
             async with s.post(proxy.base_url + "/chat/completions", json=chat(), headers=headers):
                 pass
     names = set(proxy.app[RATELIMIT].buckets.state)  # type: ignore[attr-defined]
-    assert names == {"thriftgate:rl:key:-:requests"}
+    assert names == {"thriftgate:rl:{key:-}:requests"}
 
 
 def test_a_soak_of_100k_keys_and_paths_keeps_memory_flat() -> None:
@@ -320,9 +320,9 @@ def test_a_soak_of_100k_keys_and_paths_keeps_memory_flat() -> None:
 
     def drive(start: int, stop: int) -> None:
         for n in range(start, stop):
-            name = f"thriftgate:rl:key:{n:064x}:requests"
+            name = f"thriftgate:rl:{{key:{n:064x}}}:requests"
             buckets.take_now([Bucket(name, "key", "requests", 10, 1, 1)])
-            counters.add([Charge(f"thriftgate:budget:{n:064x}:tokens:d1", 0, 1 + n % 2, far)])
+            counters.add([Charge(f"thriftgate:budget:{{{n:064x}}}:tokens:d1", 0, 1 + n % 2, far)])
             metrics.observe_request(
                 {"endpoint": f"/v1/x/{n}", "model": f"m{n}", "status": 200, "cache": None}
             )

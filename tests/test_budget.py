@@ -164,7 +164,7 @@ def spent(proxy: Proxy, unit: str = "tokens", period: str = "day", key: str = SC
     label, _ = period_of(stage.clock(), period)
     counters = stage.counters
     assert isinstance(counters, MemoryCounters)
-    return counters.value(f"thriftgate:budget:{key}:{unit}:{label}")
+    return counters.value(f"thriftgate:budget:{{{key}}}:{unit}:{label}")
 
 
 async def test_budget_spent_gives_openais_429_and_no_upstream_call(
@@ -313,8 +313,8 @@ async def test_two_instances_share_a_budget_through_redis(
     label, _ = period_of(time.time(), "day")
     client = redis.Redis.from_url(redis_url)
     try:
-        stored = int(await client.get(f"thriftgate:budget:{SCOPE}:tokens:{label}"))
-        ttl = await client.pttl(f"thriftgate:budget:{SCOPE}:tokens:{label}")
+        stored = int(await client.get(f"thriftgate:budget:{{{SCOPE}}}:tokens:{label}"))
+        ttl = await client.pttl(f"thriftgate:budget:{{{SCOPE}}}:tokens:{label}")
     finally:
         await client.aclose()
     assert 0 < ttl <= 2 * 86400 * 1000
@@ -336,6 +336,6 @@ async def test_redis_gone_means_local_accounting(
     counters = proxy.app[BUDGET].counters
     assert isinstance(counters, RedisCounters)
     label, _ = period_of(time.time(), "day")
-    assert counters.fallback.value(f"thriftgate:budget:{SCOPE}:tokens:{label}") > 0
+    assert counters.fallback.value(f"thriftgate:budget:{{{SCOPE}}}:tokens:{label}") > 0
     async with aiohttp.ClientSession() as s, s.get(proxy.url + "/readyz") as r:
         assert (await r.json())["redis"]["status"] == "degraded"

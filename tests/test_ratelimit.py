@@ -150,7 +150,7 @@ async def test_tpm_charged_by_estimate_and_settled_by_usage(
     stage, clock = frozen(proxy)
     body = chat("count me", max_tokens=100)
     estimate = tokens.count_request("/v1/chat/completions", body).tokens + 100
-    bucket = Bucket(f"thriftgate:rl:key:{SCOPE}:tokens", "key", "tokens", 5000, 5000 / 60, 0)
+    bucket = Bucket(f"thriftgate:rl:{{key:{SCOPE}}}:tokens", "key", "tokens", 5000, 5000 / 60, 0)
     buckets = stage.buckets
     assert isinstance(buckets, MemoryBuckets)
     status, _, answer = await post(proxy, body)
@@ -282,7 +282,7 @@ async def test_a_waiter_that_disconnects_leaves_and_is_not_charged(
     await until(lambda: not stage.queues)
     records = await proxy.usage.wait(2)
     assert (records[-1]["status"], records[-1]["error"]) == (499, "client_disconnected")
-    bucket = Bucket(f"thriftgate:rl:key:{SCOPE}:requests", "key", "requests", 1, 1 / 60, 1)
+    bucket = Bucket(f"thriftgate:rl:{{key:{SCOPE}}}:requests", "key", "requests", 1, 1 / 60, 1)
     clock.now += 60
     buckets = stage.buckets
     assert isinstance(buckets, MemoryBuckets)
@@ -397,7 +397,7 @@ async def test_redis_settlements_ride_on_the_next_take(
     assert calls == 4 and not buckets.pending
     client = redis.Redis.from_url(redis_url)
     try:
-        level = float(await client.hget(f"thriftgate:rl:key:{SCOPE}:tokens", "l"))
+        level = float(await client.hget(f"thriftgate:rl:{{key:{SCOPE}}}:tokens", "l"))
     finally:
         await client.aclose()
     assert level == pytest.approx(100000 - sum(actual), abs=5)  # (+ a few seconds of refill)
