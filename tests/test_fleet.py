@@ -18,6 +18,9 @@ from test_budget import chat, reservation
 from test_cli import Served, start
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "x-thriftgate-max-retries": "0"}
+# exactness tests: a slow Redis call on a loaded machine would fall back to local state (by
+# design); a generous timeout keeps these about the shared state
+EXACT = {"THRIFTGATE_REDIS_TIMEOUT_S": "2"}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +87,7 @@ async def test_one_rpm_limit_is_exact_across_the_fleet(
     cluster: Cluster, fleet_of: Any, fake: FakeOpenAI
 ) -> None:
     cluster.flush()
-    fleet = await fleet_of(3, {"REDIS_URL": cluster.url, "THRIFTGATE_RPM": "20"})
+    fleet = await fleet_of(3, {**EXACT, "REDIS_URL": cluster.url, "THRIFTGATE_RPM": "20"})
     async with aiohttp.ClientSession() as s:
         results = await asyncio.gather(
             *(send(fleet[i % 3].url, chat("gpt-4o", 2, user=f"r{i}"), s) for i in range(25))
@@ -104,6 +107,7 @@ async def test_one_budget_is_exact_across_the_fleet_under_concurrent_load(
     fleet = await fleet_of(
         3,
         {
+            **EXACT,
             "REDIS_URL": cluster.url,
             "THRIFTGATE_TOKENS_PER_DAY": str(limit),
             "THRIFTGATE_CACHE": "false",
