@@ -3,6 +3,13 @@
 When a rule fires: a structured ``alert`` log event (warning) and, when a webhook is configured, a
 POST of ``{"text": ...}`` (Slack-compatible) sent in the background. Each alert (rule and scope)
 fires at most once per ``cooldown_s``. A failing webhook is logged and never affects traffic.
+
+With Redis, the fleet acts as one: spend is summed in shared counters (each process adds what it
+saw once a second, in one pipeline, and compares the fleet's total with the thresholds), budget
+fractions come from the shared budget counters, and every alert is claimed with ``SET NX`` for its
+cool-down, so ten replicas send one webhook, not ten. The error-rate and hit-rate windows stay per
+process (each replica sees its own upstream path); their alerts are de-duplicated all the same.
+While Redis is unavailable each process falls back to its own counters and cool-downs.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from proxy.config import AlertSettings
 log = structlog.get_logger("thriftgate.alerts")
 
 UPSTREAM_ERRORS = frozenset({"upstream_unavailable", "upstream_timeout", "upstream_disconnected"})
+SHARE_EVERY_S = 1.0  # with Redis: spend reaches the fleet's counters within this
 
 
 class Alerts:
@@ -46,16 +54,28 @@ class Alerts:
             or settings.key_spend_usd_per_hour
             or settings.key_spend_usd_per_day
         )
+        self.shared: Any = None  # the RedisGuard: fleet-wide spend and one alert per fleet
+        self.prefix = "thriftgate:alerts:"
+        self._unshared: dict[tuple[str, str, str], float] = {}  # spend not yet added in Redis
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def startup(self, app: web.Application) -> None:
+        from proxy.store import REDIS
+
+        self.shared = app.get(REDIS)
         if self.settings.webhook_url:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.settings.webhook_timeout_s)
             )
 
     async def shutdown(self, app: web.Application) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._unshared:
+            await self._share()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._session is not None:
@@ -69,28 +89,96 @@ class Alerts:
         now = self.clock()
         cost = record.get("cost_usd")
         if self._spend_rules and isinstance(cost, int | float) and cost > 0:
-            t = time.gmtime(now)
-            hour = f"h{t.tm_year:04d}{t.tm_mon:02d}{t.tm_mday:02d}{t.tm_hour:02d}"
-            day = f"d{t.tm_year:04d}{t.tm_mon:02d}{t.tm_mday:02d}"
-            if len(self._spend) > 64:
-                self._spend = {k: v for k, v in self._spend.items() if k in (hour, day)}
-            if len(self._key_spend) > 100_000:
-                self._key_spend = {k: v for k, v in self._key_spend.items() if k[0] in (hour, day)}
-            key = str(record.get("key_alias") or record.get("key") or "-")
-            for period, label, overall, per_key in (
-                ("hour", hour, s.spend_usd_per_hour, s.key_spend_usd_per_hour),
-                ("day", day, s.spend_usd_per_day, s.key_spend_usd_per_day),
-            ):
-                self._spend[label] = spent = self._spend.get(label, 0.0) + cost
-                if overall and spent > overall:
-                    self._spent(f"spend_per_{period}", "all", period, spent, overall)
-                if per_key:
-                    k = (label, key)
-                    self._key_spend[k] = spent = self._key_spend.get(k, 0.0) + cost
-                    if spent > per_key:
-                        self._spent(f"key_spend_per_{period}", key, period, spent, per_key)
+            self._spend_seen(now, record, float(cost))
         if s.error_rate or s.cache_hit_rate_below:
             self._slide(now, record)
+
+    def _spend_seen(self, now: float, record: dict[str, Any], cost: float) -> None:
+        s = self.settings
+        t = time.gmtime(now)
+        hour = f"h{t.tm_year:04d}{t.tm_mon:02d}{t.tm_mday:02d}{t.tm_hour:02d}"
+        day = f"d{t.tm_year:04d}{t.tm_mon:02d}{t.tm_mday:02d}"
+        if len(self._spend) > 64:
+            self._spend = {k: v for k, v in self._spend.items() if k in (hour, day)}
+        if len(self._key_spend) > 100_000:
+            self._key_spend = {k: v for k, v in self._key_spend.items() if k[0] in (hour, day)}
+        key = str(record.get("key_alias") or record.get("key") or "-")
+        if self.shared is not None:  # the fleet's totals decide, once a second
+            self._share_later(hour, day, key, cost)
+            return
+        for period, label, overall, per_key in (
+            ("hour", hour, s.spend_usd_per_hour, s.key_spend_usd_per_hour),
+            ("day", day, s.spend_usd_per_day, s.key_spend_usd_per_day),
+        ):
+            self._spend[label] = spent = self._spend.get(label, 0.0) + cost
+            if overall and spent > overall:
+                self._spent(f"spend_per_{period}", "all", period, spent, overall)
+            if per_key:
+                k = (label, key)
+                self._key_spend[k] = spent = self._key_spend.get(k, 0.0) + cost
+                if spent > per_key:
+                    self._spent(f"key_spend_per_{period}", key, period, spent, per_key)
+
+    # -- fleet-wide spend -------------------------------------------------------------------------
+
+    def _share_later(self, hour: str, day: str, key: str, cost: float) -> None:
+        s = self.settings
+        for period, label, overall, per_key in (
+            ("hour", hour, s.spend_usd_per_hour, s.key_spend_usd_per_hour),
+            ("day", day, s.spend_usd_per_day, s.key_spend_usd_per_day),
+        ):
+            if overall:
+                k = (period, label, "all")
+                self._unshared[k] = self._unshared.get(k, 0.0) + cost
+            if per_key and len(self._unshared) < 100_000:
+                k = (period, label, key)
+                self._unshared[k] = self._unshared.get(k, 0.0) + cost
+        if self._flush_timer is None:
+            loop = asyncio.get_running_loop()
+            self._flush_timer = loop.call_later(SHARE_EVERY_S, self._share_soon)
+
+    def _share_soon(self) -> None:
+        self._flush_timer = None
+        task = asyncio.get_running_loop().create_task(self._share())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _share(self) -> None:
+        """Add this process's spend to the fleet's counters (one pipeline) and check the
+        thresholds against the totals Redis returns. Redis unavailable: the local totals."""
+        items, self._unshared = list(self._unshared.items()), {}
+        if not items:
+            return
+
+        async def add(client: Any) -> list[float]:
+            async with client.pipeline(transaction=False) as pipe:
+                for (period, label, scope), usd in items:
+                    name = f"{self.prefix}{{spend:{scope}}}:{label}"
+                    pipe.incrbyfloat(name, usd)
+                    pipe.expire(name, 3 * 86400 if period == "day" else 2 * 3600)
+                done = await pipe.execute()
+            return [float(v) for v in done[::2]]
+
+        totals = await self.shared.call("alerts", add, None)
+        s = self.settings
+        for n, ((period, label, scope), usd) in enumerate(items):
+            if totals is None:  # Redis unavailable: this process's own counts
+                table = self._spend if scope == "all" else self._key_spend
+                k: Any = label if scope == "all" else (label, scope)
+                table[k] = table.get(k, 0.0) + usd
+                spent = table[k]
+            else:
+                spent = totals[n]
+            if scope == "all":
+                threshold = s.spend_usd_per_hour if period == "hour" else s.spend_usd_per_day
+                rule = f"spend_per_{period}"
+            else:
+                threshold = (
+                    s.key_spend_usd_per_hour if period == "hour" else s.key_spend_usd_per_day
+                )
+                rule = f"key_spend_per_{period}"
+            if threshold and spent > threshold:
+                self._spent(rule, scope, period, spent, threshold)
 
     def _spent(self, rule: str, scope: str, period: str, spent: float, threshold: float) -> None:
         who = "" if scope == "all" else f"key {scope} "
@@ -189,6 +277,26 @@ class Alerts:
         if last is not None and now - last < self.settings.cooldown_s:
             return False
         self.fired[(rule, scope)] = now
+        if self.shared is not None:  # one replica of the fleet claims it, the others stay quiet
+            task = asyncio.get_running_loop().create_task(self._claim(rule, scope, text, values))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return True
+        self._send(rule, scope, text, values)
+        return True
+
+    async def _claim(self, rule: str, scope: str, text: str, values: dict[str, Any]) -> None:
+        """``SET NX`` for the cool-down: the replica that sets it sends the alert. Redis
+        unavailable: this replica sends it (one per replica, as without Redis)."""
+        name = f"{self.prefix}{{fired}}:{rule}:{scope}"
+        cooldown_ms = max(1, int(self.settings.cooldown_s * 1000))
+        claimed = await self.shared.call(
+            "alerts", lambda c: c.set(name, "1", nx=True, px=cooldown_ms), "unavailable"
+        )
+        if claimed:  # True, or "unavailable"
+            self._send(rule, scope, text, values)
+
+    def _send(self, rule: str, scope: str, text: str, values: dict[str, Any]) -> None:
         log.warning("alert", alert=rule, scope=scope, text=text, **values)
         self.sent.append({"alert": rule, "scope": scope, "text": text, **values})
         del self.sent[:-100]
@@ -196,7 +304,6 @@ class Alerts:
             task = asyncio.get_running_loop().create_task(self._post(rule, text))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return True
 
     async def _post(self, rule: str, text: str) -> None:
         assert self._session is not None and self.settings.webhook_url is not None

@@ -213,3 +213,47 @@ async def test_tls_redis_with_a_test_ca_and_a_password(
             assert server.password not in served.log.read_text()  # never logged
     finally:
         server.stop()
+
+
+# -- fleet-wide alerts -----------------------------------------------------------------------------
+
+
+async def test_a_spend_alert_fires_once_for_the_fleet_from_shared_counters(
+    cluster: Cluster, fleet_of: Any, fake: FakeOpenAI, aiohttp_server: Any
+) -> None:
+    import signal
+
+    from aiohttp import web
+
+    hooks: list[dict[str, Any]] = []
+    arrived = asyncio.Event()
+
+    async def webhook(request: web.Request) -> web.Response:
+        hooks.append(await request.json())
+        arrived.set()
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", webhook)
+    receiver = await aiohttp_server(app)
+    cluster.flush()
+    fleet = await fleet_of(
+        3,
+        {
+            "REDIS_URL": cluster.url,
+            "THRIFTGATE_ALERT_WEBHOOK": str(receiver.make_url("/hook")),
+            # each request costs about $0.00007: two per replica stay under it, six do not
+            "THRIFTGATE_ALERT_SPEND_USD_PER_DAY": "0.0002",
+        },
+    )
+    async with aiohttp.ClientSession() as s:
+        for i in range(6):
+            assert (await send(fleet[i % 3].url, chat("gpt-4o", 3, user=f"a{i}"), s))[0] == 200
+    await asyncio.wait_for(arrived.wait(), 15)  # within a second or two of the spend
+    for served in fleet:  # shutdown sends what each replica still holds, and waits for it
+        served.proc.send_signal(signal.SIGTERM)
+    assert [await served.wait() for served in fleet] == [0, 0, 0]
+    assert len(hooks) == 1, hooks  # one webhook for the fleet, not one per replica
+    assert "spent this day" in hooks[0]["text"]
+    logs = [served.log.read_text() for served in fleet]
+    assert sum(text.count('"event":"alert"') for text in logs) == 1
