@@ -398,6 +398,8 @@ class RateLimitStage(Stage):
         # adaptive holding makes clients wait at the proxy, so it works in queue mode only
         self.adaptive = settings.adaptive and settings.mode == "queue"
         self.enabled = keys.any_rate_limit or any(m.rpm or m.tpm for m in model_limits)
+        self.guard: RedisGuard | None = None  # adaptive holds shared by the fleet, with Redis
+        self._hold_tasks: set[asyncio.Task[Any]] = set()
 
     def now(self) -> float:
         return self.clock()
@@ -406,10 +408,14 @@ class RateLimitStage(Stage):
         guard = app[REDIS]
         if guard is not None and self.enabled:
             self.buckets = RedisBuckets(guard, MemoryBuckets(self.now))
+        if guard is not None and self.adaptive:
+            self.guard = guard
 
     async def shutdown(self, app: web.Application) -> None:
-        """Send the settlements still waiting for Redis."""
+        """Send the settlements still waiting for Redis (and the holds being shared)."""
         await self.buckets.drain()
+        if self._hold_tasks:
+            await asyncio.gather(*list(self._hold_tasks), return_exceptions=True)
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
@@ -428,6 +434,8 @@ class RateLimitStage(Stage):
         charge: Charge | None = None
         limits = self.keys.limits(ctx.who)
         verdict: Verdict | None = None
+        if self.guard is not None:
+            await self._shared_hold(ctx)
         if self.enabled:
             tokens = self._tokens(ctx)
             buckets = self._buckets(ctx, limits, tokens)
@@ -678,6 +686,33 @@ class RateLimitStage(Stage):
                 while len(self.held_until) >= MAX_HOLDS:  # the ones ending soonest go first
                     del self.held_until[min(self.held_until, key=self.held_until.__getitem__)]
             self.held_until[scope] = max(self.held_until.get(scope, 0.0), now + hold)
+            if self.guard is not None:  # the other replicas hold back too
+                task = asyncio.get_running_loop().create_task(self._share_hold(scope, hold))
+                self._hold_tasks.add(task)
+                task.add_done_callback(self._hold_tasks.discard)
+
+    # -- adaptive holds shared by the fleet (Redis) ----------------------------------------------
+
+    def _hold_name(self, scope: tuple[str | None, str]) -> str:
+        key, model = scope
+        return f"{self.settings.redis_prefix}{{hold:{key or '*'}:{model}}}"
+
+    async def _share_hold(self, scope: tuple[str | None, str], hold: float) -> None:
+        ms = max(1, math.ceil(hold * 1000))
+        name = self._hold_name(scope)
+        assert self.guard is not None
+        await self.guard.call("ratelimit_hold", lambda c: c.set(name, "1", px=ms), None)
+
+    async def _shared_hold(self, ctx: RequestContext) -> None:
+        """A hold another replica learnt from the upstream (its time left in Redis) applies here
+        too, so the fleet slows down together."""
+        scope = self._scope(ctx)
+        name = self._hold_name(scope)
+        assert self.guard is not None
+        left_ms = await self.guard.call("ratelimit_hold", lambda c: c.pttl(name), -2)
+        if isinstance(left_ms, int) and left_ms > 0:
+            until = self.now() + left_ms / 1000
+            self.held_until[scope] = max(self.held_until.get(scope, 0.0), until)
 
 
 def _int(value: str | None) -> int | None:

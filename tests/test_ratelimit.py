@@ -403,3 +403,46 @@ async def test_redis_settlements_ride_on_the_next_take(
     finally:
         await client.aclose()
     assert level == pytest.approx(100000 - sum(actual), abs=5)  # (+ a few seconds of refill)
+
+
+async def test_an_adaptive_hold_is_shared_by_the_fleet(
+    make_proxy: MakeProxy, fake: FakeOpenAI, redis_url: str
+) -> None:
+    """Replica A learns from the upstream that its limit is nearly spent; replica B, which saw
+    nothing, holds its next request for that model too (the hold's time left is in Redis)."""
+
+    async def sleep_a(seconds: float) -> None:
+        clock_a.now += seconds
+
+    async def sleep_b(seconds: float) -> None:
+        clock_b.now += seconds
+
+    env = {"REDIS_URL": redis_url, "THRIFTGATE_RATE_LIMIT_MODE": "queue"}
+    a = await make_proxy(env=env, ratelimit_sleep=sleep_a)
+    b = await make_proxy(env=env, ratelimit_sleep=sleep_b)
+    _, clock_a = frozen(a)
+    _, clock_b = frozen(b)
+    fake.limit_headers = {
+        "x-ratelimit-limit-requests": "500",
+        "x-ratelimit-remaining-requests": "2",
+        "x-ratelimit-reset-requests": "20s",
+    }
+    assert (await post(a, chat("seen by A")))[0] == 200
+    fake.limit_headers = {}
+    client = redis.Redis.from_url(redis_url)
+    try:
+        await until_async(lambda: client.keys("thriftgate:rl:{hold:*"))
+    finally:
+        await client.aclose()
+    started = clock_b.now
+    assert (await post(b, chat("sent to B")))[0] == 200
+    assert clock_b.now - started >= 15  # B waited for the upstream's reset, like A would
+    record = (await b.usage.wait(1))[-1]
+    assert record["rate_limited_ms"] >= 15_000
+
+
+async def until_async(probe: Callable[[], Any], within: float = 5) -> None:
+    """Poll another process's state (Redis) until ``probe`` returns something truthy."""
+    async with asyncio.timeout(within):
+        while not await probe():  # noqa: ASYNC110 - Redis is another process: poll it
+            await asyncio.sleep(0.01)
