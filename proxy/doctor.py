@@ -12,6 +12,7 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -32,10 +33,10 @@ class Check:
 
 
 def check_config(
-    flags: dict[str, object], config_file: str | None
+    flags: dict[str, object], config_file: str | None, env: Mapping[str, str] | None = None
 ) -> tuple[Settings | None, Check]:
     try:
-        settings = load_settings(flags, config_file=config_file)
+        settings = load_settings(flags, env=env, config_file=config_file)
     except ConfigError as exc:
         return None, Check("config", FAIL, str(exc))
     shown = settings.config_file or "defaults and environment (no config file)"
@@ -114,15 +115,22 @@ async def check_upstream(target: UpstreamTarget, key: str | None, settings: Sett
 async def check_redis(settings: Settings) -> Check:
     if settings.redis.url is None:
         return Check("redis", OFF, "not configured: cache, budgets and limits are in-process")
-    from redis.asyncio import Redis
+    import dataclasses
+
     from redis.exceptions import RedisError
 
     from proxy.budget import TAKE_LUA as BUDGET_LUA
     from proxy.ratelimit import TAKE_LUA as RATELIMIT_LUA
+    from proxy.store import close_client, detect_cluster, is_cluster, open_client
 
     shown = redact_url(settings.redis.url)
-    client = Redis.from_url(settings.redis.url, socket_timeout=5, socket_connect_timeout=5)
+    patient = dataclasses.replace(settings.redis, timeout_s=5.0)  # a check, not a request
+    client = open_client(patient)
     try:
+        auto = patient.mode == "auto" and "+sentinel://" not in patient.url
+        if auto and await detect_cluster(client, 5.0):
+            await client.aclose()
+            client = open_client(patient, cluster=True)
         await client.ping()
         info = await client.info("server")
         for script in (BUDGET_LUA, RATELIMIT_LUA):
@@ -131,9 +139,12 @@ async def check_redis(settings: Settings) -> Check:
         why = str(exc).replace(settings.redis.url, shown)
         return Check("redis", FAIL, f"{shown}: {type(exc).__name__}: {why}")
     finally:
-        await client.aclose()
-    version = info.get("redis_version", "?")
-    return Check("redis", OK, f"{shown}: redis {version}, ping and scripts loaded")
+        await close_client(client)
+    if is_cluster(client):
+        kind = f"a cluster of {len(client.get_primaries())} primaries"
+    else:
+        kind = f"redis {info.get('redis_version', '?')}"
+    return Check("redis", OK, f"{shown}: {kind}, ping and scripts loaded")
 
 
 def check_usage_log(settings: Settings) -> Check:
@@ -174,9 +185,13 @@ def check_listen(settings: Settings) -> Check:
 
 
 async def run_checks(
-    flags: dict[str, object], config_file: str | None, key: str | None
+    flags: dict[str, object],
+    config_file: str | None,
+    key: str | None,
+    env: Mapping[str, str] | None = None,
 ) -> list[Check]:
-    settings, config = check_config(flags, config_file)
+    """Every check; ``env`` replaces the process environment (tests)."""
+    settings, config = check_config(flags, config_file, env)
     checks = [config]
     if settings is None:
         return checks

@@ -108,6 +108,14 @@ def open_client(settings: RedisSettings, *, cluster: bool = False) -> Any:
     return aioredis.Redis.from_url(settings.url, **options)
 
 
+async def close_client(client: Any) -> None:
+    """Close a client, and for one found through Sentinel its connections to the sentinels."""
+    await client.aclose()
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()
+
+
 def is_cluster(client: Any) -> bool:
     return isinstance(client, RedisCluster)
 
@@ -239,4 +247,4 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = guard
     await guard.probe()  # down now: degraded (and said so) before the port is bound
     yield
-    await client.aclose()
+    await close_client(client)

@@ -257,3 +257,14 @@ async def test_a_spend_alert_fires_once_for_the_fleet_from_shared_counters(
     assert "spent this day" in hooks[0]["text"]
     logs = [served.log.read_text() for served in fleet]
     assert sum(text.count('"event":"alert"') for text in logs) == 1
+
+
+async def test_doctor_recognises_the_cluster_and_the_sentinels(
+    cluster: Cluster, sentinel: SentinelSetup
+) -> None:
+    from proxy.doctor import OK, run_checks
+
+    for url, kind in ((cluster.url, "a cluster of 3 primaries"), (sentinel.url, "redis 7")):
+        checks = await run_checks({"port": 0}, None, None, env={"REDIS_URL": url})
+        redis = next(c for c in checks if c.name == "redis")
+        assert redis.result == OK and kind in redis.detail, redis.detail
