@@ -174,3 +174,45 @@ def test_the_floors_ci_installs_are_the_floors_pyproject_allows() -> None:
             name, _, version = line.partition("==")
             pinned[name.strip().lower()] = version.strip()
     assert pinned == floors
+
+
+def test_redis_topologies_from_urls_and_env(tmp_path: Path) -> None:
+    from proxy.config import redact_url, sentinel_parts
+
+    found = sentinel_parts("redis+sentinel://app:s3cret@s1:26379,s2:26380/mymaster/2")
+    assert found.sentinels == (("s1", 26379), ("s2", 26380))
+    assert (found.service, found.db, found.username, found.password) == (
+        "mymaster",
+        2,
+        "app",
+        "s3cret",
+    )
+    assert not found.tls and sentinel_parts("rediss+sentinel://s1/m").tls
+    shown = redact_url("redis+sentinel://app:s3cret@s1:26379,s2:26380/mymaster/2")
+    assert "s3cret" not in shown and "s1:26379,s2:26380/mymaster" in shown
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not checked here")
+    settings = load_settings(
+        env={
+            "REDIS_URL": "rediss://redis.example:6380/0",
+            "THRIFTGATE_REDIS_MODE": "cluster",
+            "THRIFTGATE_REDIS_USERNAME": "thriftgate",
+            "THRIFTGATE_REDIS_PASSWORD": "pw",
+            "THRIFTGATE_REDIS_CA_FILE": str(ca),
+        }
+    )
+    r = settings.redis
+    assert (r.mode, r.username, r.password, r.ca_file) == ("cluster", "thriftgate", "pw", str(ca))
+    assert "pw" not in repr(settings)
+    for env, message in (
+        ({"REDIS_URL": "http://x"}, "or redis\\+sentinel:// URL"),
+        ({"REDIS_URL": "redis+sentinel://s1:26379"}, "service name is missing"),
+        ({"REDIS_URL": "redis://x", "THRIFTGATE_REDIS_MODE": "ring"}, "is not one of"),
+        (
+            {"REDIS_URL": "redis://x", "THRIFTGATE_REDIS_MODE": "sentinel"},
+            "needs a redis\\+sentinel",
+        ),
+        ({"REDIS_URL": "rediss://x", "THRIFTGATE_REDIS_CA_FILE": "/nope.crt"}, "not a readable"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_settings(env=env)

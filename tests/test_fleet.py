@@ -68,7 +68,8 @@ async def test_a_cluster_node_url_is_recognised_and_shares_the_cache(
     cluster: Cluster, fleet_of: Any, fake: FakeOpenAI
 ) -> None:
     cluster.flush()
-    a, b, c = await fleet_of(3, {"REDIS_URL": cluster.url})
+    env = {"REDIS_URL": cluster.url, "THRIFTGATE_USAGE_REDIS_STREAM": "thriftgate:usage"}
+    a, b, c = await fleet_of(3, env)
     assert (await readyz(a.url))["redis"]["kind"] == "cluster"
     async with aiohttp.ClientSession() as s:
         for i in range(24):  # answers stored by A, spread over the cluster's slots
@@ -81,6 +82,17 @@ async def test_a_cluster_node_url_is_recognised_and_shares_the_cache(
     assert fake.calls("/v1/chat/completions") == 24
     spread = cluster.keys_per_node("thriftgate:cache:*")
     assert sum(spread) == 24 and all(n > 0 for n in spread), spread  # on all three primaries
+    # every replica's usage records reach the one stream, wherever its slot is
+    from redis.asyncio.cluster import RedisCluster
+
+    client = RedisCluster.from_url(cluster.url)
+    try:
+        async with asyncio.timeout(10):
+            while await client.xlen("thriftgate:usage") < 26:  # noqa: ASYNC110 - Redis: poll
+                await asyncio.sleep(0.05)
+        assert await client.xlen("thriftgate:usage") == 26
+    finally:
+        await client.aclose()
 
 
 async def test_one_rpm_limit_is_exact_across_the_fleet(
