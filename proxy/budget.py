@@ -50,7 +50,7 @@ from proxy.errors import ContextLengthExceeded, QuotaExceeded, ServiceUnavailabl
 from proxy.keys import Keys, Limits
 from proxy.metrics import Metrics
 from proxy.pricing import PriceTable
-from proxy.store import REDIS, RedisGuard
+from proxy.store import REDIS, RedisGuard, hash_tag
 from proxy.tokens import Catalogue, Count
 from proxy.types import Handler, Stage
 from proxy.upstream import Outcome, Reply
@@ -237,9 +237,15 @@ class RedisCounters:
         task.add_done_callback(self._tasks.discard)
 
     async def _settle(self, charges: Sequence[Charge]) -> None:
-        """Charge without a check now; what Redis does not take is kept for the next chance."""
-        if await self.guard.call("budget", lambda c: self._run(c, charges), None) is None:
-            self._keep(charges)
+        """Charge without a check now; what Redis does not take is kept for the next chance. On a
+        Redis Cluster, settlements of several keys (kept during an outage) go one slot at a
+        time."""
+        groups: dict[str, list[Charge]] = {}
+        for c in charges:
+            groups.setdefault(hash_tag(c.counter) if self.guard.cluster else "", []).append(c)
+        for group in groups.values():
+            if await self.guard.call("budget", lambda c, g=group: self._run(c, g), None) is None:
+                self._keep(group)
 
     def _keep(self, charges: Sequence[Charge]) -> None:
         for c in charges:

@@ -41,7 +41,7 @@ from proxy.endpoints import EMBEDDINGS
 from proxy.errors import ProxyError
 from proxy.keys import Keys, Limits
 from proxy.metrics import Metrics
-from proxy.store import REDIS, RedisGuard
+from proxy.store import REDIS, RedisGuard, hash_tag
 from proxy.types import Handler, Stage
 from proxy.usage import spent
 
@@ -244,13 +244,6 @@ return out
 """
 
 SETTLE_EVERY_S = 1.0  # Redis: settlements not carried by a take within this are sent alone
-
-
-def hash_tag(name: str) -> str:
-    """The part of a Redis key that picks its cluster slot: what is inside the first {...}."""
-    start = name.find("{")
-    end = name.find("}", start + 1)
-    return name[start + 1 : end] if start >= 0 and end > start + 1 else name
 
 
 class RedisBuckets:

@@ -116,6 +116,13 @@ async def close_client(client: Any) -> None:
         await sentinel.aclose()
 
 
+def hash_tag(name: str) -> str:
+    """The part of a Redis key that picks its cluster slot: what is inside the first {...}."""
+    start = name.find("{")
+    end = name.find("}", start + 1)
+    return name[start + 1 : end] if start >= 0 and end > start + 1 else name
+
+
 def is_cluster(client: Any) -> bool:
     return isinstance(client, RedisCluster)
 

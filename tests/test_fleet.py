@@ -280,3 +280,34 @@ async def test_doctor_recognises_the_cluster_and_the_sentinels(
         checks = await run_checks({"port": 0}, None, None, env={"REDIS_URL": url})
         redis = next(c for c in checks if c.name == "redis")
         assert redis.result == OK and kind in redis.detail, redis.detail
+
+
+async def test_settlements_kept_through_an_outage_reach_the_cluster_slot_by_slot(
+    cluster: Cluster,
+) -> None:
+    """Settlements of many keys, merged while Redis was away, are sent once it is back: on a
+    cluster, one script call per key's slot (one call for all would be refused: CROSSSLOT)."""
+    import time
+
+    from proxy.budget import Charge, MemoryCounters, RedisCounters, counter_name
+    from proxy.config import RedisSettings
+    from proxy.metrics import Metrics
+    from proxy.store import RedisGuard, close_client, open_client
+
+    cluster.flush()
+    settings = RedisSettings(url=cluster.url, timeout_s=2.0)
+    client = open_client(settings, cluster=True)
+    try:
+        counters = RedisCounters(RedisGuard(client, settings, Metrics()), MemoryCounters())
+        far = time.time() + 86400
+        charges = [
+            Charge(counter_name("thriftgate:budget:", f"key-{i}", "tokens", "d1"), 0, 10 + i, far)
+            for i in range(6)
+        ]
+        counters._keep(charges)  # as the guard does when Redis did not take them
+        await counters.drain()
+        assert not counters.unsent
+        assert [int(await client.get(c.counter)) for c in charges] == [10 + i for i in range(6)]
+        assert sum(cluster.keys_per_node("thriftgate:budget:*")) == 6
+    finally:
+        await close_client(client)
