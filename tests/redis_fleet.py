@@ -259,10 +259,17 @@ class TLSServer:
     def url(self) -> str:
         return f"rediss://default:{self.password}@127.0.0.1:{self.port}/0"
 
+    @property
+    def tls(self) -> list[str]:
+        return ["--tls", "--cacert", str(self.ca), "-a", self.password, "--no-auth-warning"]
+
+    def count(self, pattern: str) -> int:
+        script = f"return #redis.call('KEYS', '{pattern}')"
+        return int(cli(self.port, "EVAL", script, "0", tls=self.tls) or 0)
+
     def start(self) -> None:
         self.server.start()
-        tls = ["--tls", "--cacert", str(self.ca), "-a", self.password, "--no-auth-warning"]
-        wait_until(lambda: cli(self.port, "PING", tls=tls) == "PONG", what="TLS redis")
+        wait_until(lambda: cli(self.port, "PING", tls=self.tls) == "PONG", what="TLS redis")
 
     def stop(self) -> None:
         self.server.kill()

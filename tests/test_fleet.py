@@ -21,6 +21,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}", "x-thriftgate-max-retries": "0"}
 # exactness tests: a slow Redis call on a loaded machine would fall back to local state (by
 # design); a generous timeout keeps these about the shared state
 EXACT = {"THRIFTGATE_REDIS_TIMEOUT_S": "2"}
+CACHE_KEYS = "return #redis.call('KEYS', 'thriftgate:cache:*')"
 
 
 @pytest.fixture(scope="module")
@@ -198,10 +199,19 @@ async def test_the_primary_killed_mid_load_fails_no_request(
         stop.set()
         await asyncio.gather(*workers)
     assert statuses and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    from redis_fleet import cli
+
+    def cached() -> int:
+        return int(cli(sentinel.replica_port, "EVAL", CACHE_KEYS, "0") or 0)
+
     async with aiohttp.ClientSession() as s:  # state lands on the new primary again
-        status, headers = await send(fleet[0].url, chat("gpt-4o", 2, user="after"), s)
+        before = cached()
+        assert (await send(fleet[0].url, chat("gpt-4o", 2, user="after"), s))[0] == 200
+        async with asyncio.timeout(10):  # A stores its answer in the background
+            while cached() == before:  # noqa: ASYNC110 - another process (Redis): poll it
+                await asyncio.sleep(0.05)
         status, headers = await send(fleet[1].url, chat("gpt-4o", 2, user="after"), s)
-        assert status == 200 and headers["x-thriftgate-cache"] == "HIT"
+        assert status == 200 and headers["x-thriftgate-cache"] == "HIT"  # stored by A
 
 
 # -- TLS -------------------------------------------------------------------------------------------
@@ -219,6 +229,9 @@ async def test_tls_redis_with_a_test_ca_and_a_password(
         assert (await readyz(a.url))["redis"]["status"] == "ok"
         async with aiohttp.ClientSession() as s:
             await send(a.url, chat("gpt-4o", 2), s)
+            async with asyncio.timeout(10):  # A stores its answer in the background
+                while server.count("thriftgate:cache:*") == 0:  # noqa: ASYNC110 - Redis: poll
+                    await asyncio.sleep(0.05)
             status, headers = await send(b.url, chat("gpt-4o", 2), s)
         assert status == 200 and headers["x-thriftgate-cache"] == "HIT"  # through TLS Redis
         for served in (a, b):
