@@ -35,10 +35,10 @@ from proxy.optimize import OptimizeStage
 from proxy.pool import Pool
 from proxy.pricing import PriceTable
 from proxy.ratelimit import RateLimitStage
-from proxy.retry import RetryStage, Sleep
+from proxy.retry import RetryStage
 from proxy.store import REDIS, redis_ctx
 from proxy.tokens import Catalogue, preload_encodings
-from proxy.types import METRICS, SETTINGS
+from proxy.types import METRICS, SETTINGS, Sleep
 from proxy.upstream import Reply, Upstream
 from proxy.usage import UsageLog, open_for_append
 

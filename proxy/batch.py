@@ -13,7 +13,7 @@ import asyncio
 import os
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -21,14 +21,15 @@ from typing import IO, Any
 import aiohttp
 import orjson
 
+from proxy.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
 from proxy.pricing import PriceTable
+from proxy.types import Sleep
 from proxy.upstream import unreachable
 from proxy.usage import token_fields
 
-SUPPORTED_URLS = ("/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses")
+SUPPORTED_URLS = (CHAT, EMBEDDINGS, COMPLETIONS, RESPONSES)
 NO_BATCH_API = (404, 405, 501)
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
-Sleep = Callable[[float], Awaitable[None]]
 
 
 class BatchError(Exception):

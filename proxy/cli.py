@@ -155,6 +155,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 def count_tokens(path: str, model: str | None) -> int:
     from proxy.budget import requested_output
+    from proxy.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
     from proxy.pricing import PriceTable
     from proxy.tokens import count_request
 
@@ -172,14 +173,14 @@ def count_tokens(path: str, model: str | None) -> int:
         return 2
     named = str(model or body.get("model") or "")
     if "messages" in body:
-        endpoint = "/v1/chat/completions"
+        endpoint = CHAT
     elif "input" in body:  # embeddings, or a Responses request (instructions, items, a chat model)
         value = body["input"]
         texts = isinstance(value, list) and all(isinstance(v, str | int | list) for v in value)
         embeds = "embedding" in named or (texts and "instructions" not in body)
-        endpoint = "/v1/embeddings" if embeds else "/v1/responses"
+        endpoint = EMBEDDINGS if embeds else RESPONSES
     elif "prompt" in body:
-        endpoint = "/v1/completions"
+        endpoint = COMPLETIONS
     else:
         print("thriftgate: the body has no messages, input or prompt to count", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from multidict import CIMultiDict
 
 from proxy.config import MicrobatchSettings
 from proxy.context import RequestContext, context_of
+from proxy.endpoints import EMBEDDINGS
 from proxy.metrics import Metrics
 from proxy.types import Handler, Stage
 from proxy.upstream import Reply
@@ -101,7 +102,7 @@ class EmbeddingsBatcher(Stage):
         if (
             not self.settings.embeddings
             or ctx is None
-            or ctx.endpoint != "/v1/embeddings"
+            or ctx.endpoint != EMBEDDINGS
             or ctx.body is None
             or ctx.model is None
         ):

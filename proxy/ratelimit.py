@@ -27,7 +27,7 @@ import fnmatch
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,17 +42,30 @@ from proxy.errors import ProxyError
 from proxy.keys import Keys, Limits
 from proxy.metrics import Metrics
 from proxy.store import REDIS, RedisGuard, hash_tag
-from proxy.types import Handler, Stage
+from proxy.types import Handler, Sleep, Stage
 from proxy.usage import spent
 
-Sleep = Callable[[float], Awaitable[None]]
 HEADER_KINDS = ("requests", "tokens")
 
 
 class RateLimited(ProxyError):
+    """429 ``rate_limit_exceeded``; ``kind`` (requests or tokens) is OpenAI's error type."""
+
     status = 429
     type = "requests"
     code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str = "requests",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code, headers=headers)
+        self.type = kind
 
 
 # -- OpenAI's duration format (Go's time.Duration) -----------------------------------------------
@@ -361,7 +374,7 @@ class RedisBuckets:
 
 
 @dataclass(slots=True)
-class Charge:
+class BucketCharge:
     buckets: list[Bucket]
     tokens: float  # the estimate charged to the token buckets
 
@@ -424,7 +437,7 @@ class RateLimitStage(Stage):
                 ctx.unreadable = ctx.unreadable or "model"  # no model: nothing to charge
                 raise unreadable_error(ctx, "a rate limit")
             return await handler(request)
-        charge: Charge | None = None
+        charge: BucketCharge | None = None
         limits = self.keys.limits(ctx.who)
         verdict: Verdict | None = None
         if self.guard is not None:
@@ -433,7 +446,7 @@ class RateLimitStage(Stage):
             tokens = self._tokens(ctx)
             buckets = self._buckets(ctx, limits, tokens)
             if buckets:
-                charge = Charge(buckets, tokens)
+                charge = BucketCharge(buckets, tokens)
                 verdict = await self._acquire(ctx, buckets, limits)
                 ctx.settlers.append(lambda c: self._settle(c, charge))
         elif self.adaptive:
@@ -454,7 +467,7 @@ class RateLimitStage(Stage):
         buckets = self._buckets(ctx, limits, 0)
         verdict: Verdict | None = None
         if buckets:
-            charge = Charge(buckets, 0)
+            charge = BucketCharge(buckets, 0)
             verdict = await self._acquire(ctx, buckets, limits)
             ctx.settlers.append(lambda c: self._settle(c, charge))
         resp = await handler(request)
@@ -584,9 +597,7 @@ class RateLimitStage(Stage):
                 f"thriftgate is holding requests back. Please try again in {format_duration(wait)}."
             )
             type_ = "requests"
-        error = RateLimited(message, headers=dict(headers))
-        error.type = type_
-        raise error
+        raise RateLimited(message, kind=type_, headers=dict(headers))
 
     def _headers(
         self,
@@ -605,7 +616,7 @@ class RateLimitStage(Stage):
             headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(level)))
             headers[f"x-ratelimit-reset-{kind}"] = format_duration((b.capacity - level) / b.rate)
 
-    def _settle(self, ctx: RequestContext, charge: Charge) -> None:
+    def _settle(self, ctx: RequestContext, charge: BucketCharge) -> None:
         """Settle the token buckets to the usage the upstream reported (nothing for a failure)."""
         fields = spent(ctx)
         if fields is None:

@@ -17,7 +17,7 @@ import asyncio
 import email.utils
 import random
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable, MutableMapping
 
 import structlog
 from aiohttp import web
@@ -27,7 +27,7 @@ from proxy.config import RetrySettings
 from proxy.context import RequestContext, context_of
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from proxy.metrics import Metrics
-from proxy.types import Handler, Stage
+from proxy.types import Handler, Sleep, Stage
 from proxy.upstream import Reply
 from proxy.usage import decoded
 
@@ -35,8 +35,6 @@ log = structlog.get_logger("thriftgate.retry")
 
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 ATTEMPTS_HEADER = "x-thriftgate-attempts"
-
-Sleep = Callable[[float], Awaitable[None]]
 
 
 def retry_after_s(resp: web.StreamResponse | None, now: float | None = None) -> float | None:

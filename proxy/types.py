@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Sleep = Callable[[float], Awaitable[None]]  # asyncio.sleep, or a test's that only records
+Clock = Callable[[], float]  # time.monotonic / time.time, or a test's
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
