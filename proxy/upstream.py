@@ -21,6 +21,7 @@ from yarl import URL
 
 from proxy.config import UpstreamSettings
 from proxy.errors import PayloadTooLarge, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
+from proxy.inbound import PREFIX
 from proxy.pool import Target
 
 log = structlog.get_logger("thriftgate.upstream")
@@ -40,8 +41,6 @@ HOP_BY_HOP = frozenset(
 )
 # An answer of known length up to this size is read whole and sent in one write (not a stream).
 SMALL_BODY = 256 * 1024
-# thriftgate's own request headers (x-thriftgate-*, known or not): never sent upstream.
-CONTROL_PREFIX = "x-thriftgate-"
 # Headers aiohttp's client would otherwise add on its own: a transparent proxy adds nothing.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -364,7 +363,9 @@ class Upstream:
             *(("Content-Encoding",) if rewritten else ()),
         )
         if control is None:
-            headers = end_to_end(request.headers, *drop, prefix=CONTROL_PREFIX)
+            headers = end_to_end(
+                request.headers, *drop, prefix=PREFIX
+            )  # x-thriftgate-*: never sent upstream
         else:
             headers = end_to_end(request.headers, *drop, *control)
         if api_key:

@@ -26,6 +26,9 @@ from proxy.logs import configure_logging
 from proxy.server import ProxyRunner, runner_for
 
 API_KEY = "sk-test-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+AUTH_NO_STORE = {**AUTH, "Cache-Control": "no-store"}  # past the cache: every call goes upstream
+AUTH_JSON = {**AUTH, "Content-Type": "application/json"}
 
 
 def scope_of(api_key: str, settings: Settings | None = None) -> str:

@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import API_KEY, MakeProxy, Proxy, RedisServer, free_port, scope_of
+from conftest import API_KEY, AUTH, MakeProxy, Proxy, RedisServer, free_port, scope_of
 from fake_openai import FakeOpenAI, Fault
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -30,7 +30,6 @@ from proxy.metrics import Metrics
 from proxy.ratelimit import Bucket, MemoryBuckets
 from proxy.store import REDIS, RedisGuard, open_client
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = "/v1/chat/completions"
 SCOPE = scope_of(API_KEY)
 ROOT = Path(__file__).resolve().parent.parent

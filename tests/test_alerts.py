@@ -9,14 +9,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import API_KEY, LogSink, MakeProxy, Proxy, free_port
+from conftest import AUTH_NO_STORE as AUTH
+from conftest import LogSink, MakeProxy, Proxy, free_port
 from fake_openai import FakeOpenAI, Fault
 
 from proxy.alerts import Alerts
 from proxy.app import ALERTS
 from proxy.config import AlertSettings
-
-AUTH = {"Authorization": f"Bearer {API_KEY}", "Cache-Control": "no-store"}
 
 
 class Hook:

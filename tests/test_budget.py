@@ -14,6 +14,7 @@ import orjson
 import pytest
 import redis.asyncio as redis
 from conftest import API_KEY, MakeProxy, Proxy, RedisServer, scope_of
+from conftest import AUTH_NO_STORE as AUTH
 from fake_openai import FakeOpenAI, Fault
 
 from proxy import tokens
@@ -23,7 +24,6 @@ from proxy.config import ConfigError, ModelInfo, load_settings
 from proxy.keys import fingerprint
 from proxy.tokens import Catalogue
 
-AUTH = {"Authorization": f"Bearer {API_KEY}", "Cache-Control": "no-store"}
 ROOT = Path(__file__).resolve().parent.parent
 
 

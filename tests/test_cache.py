@@ -11,14 +11,13 @@ import openai
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from conftest import API_KEY, LogSink, MakeProxy, Proxy, RedisServer
+from conftest import API_KEY, AUTH, LogSink, MakeProxy, Proxy, RedisServer
 from fake_openai import FakeOpenAI, Fault
 
 from proxy.cache import CacheStage, Entry, MemoryBackend, RedisBackend, cache_key
 from proxy.metrics import Metrics
 from proxy.store import REDIS
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 BARE = ("Accept-Encoding", "User-Agent", "Accept")
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "cache me"}]}
 NO_RETRY = {"x-thriftgate-max-retries": "0"}

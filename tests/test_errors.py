@@ -6,10 +6,9 @@ import asyncio
 
 import aiohttp
 import pytest
-from conftest import API_KEY, MakeProxy, Proxy
+from conftest import AUTH_JSON as AUTH
+from conftest import MakeProxy, Proxy
 from fake_openai import FakeOpenAI
-
-AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 
 
 def assert_envelope(payload: dict[str, object], type_: str, code: str) -> None:

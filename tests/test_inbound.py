@@ -17,11 +17,11 @@ import aiohttp
 import orjson
 import pytest
 from conftest import API_KEY, MakeProxy, Proxy, raw_http
+from conftest import AUTH_JSON as AUTH
 from fake_openai import FakeOpenAI
 
 from proxy.inbound import decode_body, path_problem
 
-AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 CHAT = "/v1/chat/completions"
 
 

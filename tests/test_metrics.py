@@ -11,8 +11,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import MAX_MODELS, Metrics
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
 
 async def scrape(proxy: Proxy, headers: dict[str, str] | None = None) -> tuple[int, str]:
     async with aiohttp.ClientSession() as s, s.get(proxy.url + "/metrics", headers=headers) as r:

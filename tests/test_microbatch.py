@@ -10,12 +10,12 @@ import aiohttp
 import openai
 import orjson
 from conftest import API_KEY, MakeProxy, Proxy
+from conftest import AUTH_NO_STORE as AUTH
 from fake_openai import FakeOpenAI, Fault
 
 from proxy.app import MICROBATCH
 from proxy.microbatch import flatten, shares
 
-AUTH = {"Authorization": f"Bearer {API_KEY}", "Cache-Control": "no-store"}
 ON = {"THRIFTGATE_EMBEDDINGS_MICROBATCH": "1", "THRIFTGATE_MICROBATCH_WINDOW_MS": "50"}
 
 

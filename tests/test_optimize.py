@@ -7,7 +7,8 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from conftest import API_KEY, MakeProxy, Proxy
+from conftest import AUTH_NO_STORE as AUTH
+from conftest import MakeProxy, Proxy
 from fake_openai import FakeOpenAI
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -16,8 +17,6 @@ from proxy.config import ModelInfo, OptimizeSettings
 from proxy.errors import InvalidRequest
 from proxy.inbound import read_headers
 from proxy.optimize import dynamic_max_tokens, keep_for, output_field, trim_history
-
-AUTH = {"Authorization": f"Bearer {API_KEY}", "Cache-Control": "no-store"}
 
 
 def msg(role: str, text: str = "", **extra: Any) -> dict[str, Any]:

@@ -10,14 +10,14 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import API_KEY, MakeProxy, Proxy, free_port
+from conftest import AUTH_NO_STORE as AUTH
+from conftest import MakeProxy, Proxy, free_port
 from fake_openai import FakeOpenAI, Fault
 
 from proxy.config import ConfigError, UpstreamSettings, UpstreamTarget, load_settings
 from proxy.metrics import Metrics
 from proxy.pool import CLOSED, HALF_OPEN, OPEN, Pool
 
-AUTH = {"Authorization": f"Bearer {API_KEY}", "Cache-Control": "no-store"}
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "which one?"}]}
 
 

@@ -8,13 +8,12 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from conftest import API_KEY, LogSink, MakeProxy, Proxy
+from conftest import AUTH, LogSink, MakeProxy, Proxy
 
 from proxy.config import ConfigError, Price, load_settings
 from proxy.pricing import PriceTable
 
 ROOT = Path(__file__).resolve().parent.parent
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def test_shipped_copy_is_the_config_file() -> None:

@@ -12,6 +12,7 @@ import orjson
 import pytest
 import redis.asyncio as redis
 from conftest import API_KEY, MakeProxy, Proxy, RedisServer, scope_of
+from conftest import AUTH_NO_STORE as AUTH
 from fake_openai import FakeOpenAI
 
 from proxy import tokens
@@ -26,7 +27,6 @@ from proxy.ratelimit import (
     parse_duration,
 )
 
-AUTH = {"Authorization": f"Bearer {API_KEY}", "Cache-Control": "no-store"}
 FP = fingerprint(API_KEY)
 SCOPE = scope_of(API_KEY)
 

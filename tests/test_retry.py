@@ -12,13 +12,12 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from conftest import API_KEY, MakeProxy, Proxy
+from conftest import API_KEY, AUTH, MakeProxy, Proxy
 from fake_openai import FakeOpenAI, Fault, error_body
 from multidict import CIMultiDict
 
 from proxy.retry import RetryStage, retry_after_s
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "retry me"}]}
 NO_CACHE = {"Cache-Control": "no-store"}
 

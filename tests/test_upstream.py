@@ -12,10 +12,9 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import API_KEY, MakeProxy, Proxy
+from conftest import AUTH, MakeProxy, Proxy
 from fake_openai import FakeOpenAI, Fault, Sent
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 BARE = ("Accept-Encoding", "User-Agent", "Accept")  # the test client adds no headers either
 PASSED_HEADERS = [
     "x-request-id",

@@ -10,7 +10,7 @@ import openai
 import orjson
 import pytest
 import redis.asyncio as redis
-from conftest import API_KEY, LogSink, MakeProxy, Proxy, RedisServer
+from conftest import API_KEY, AUTH, LogSink, MakeProxy, Proxy, RedisServer
 from fake_openai import FakeOpenAI, Fault
 
 from proxy import tokens
@@ -19,7 +19,6 @@ from proxy.config import ConfigError, load_settings
 from proxy.keys import bearer_token, fingerprint
 from proxy.usage import UsageRecorder, UsageStripper
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "count me"}]}
 
 
