@@ -24,6 +24,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from proxy.background import Background
 from proxy.config import AlertSettings
 
 log = structlog.get_logger("thriftgate.alerts")
@@ -47,7 +48,7 @@ class Alerts:
         self._window: collections.deque[tuple[float, bool, bool, bool]] = collections.deque()
         self._errors = self._cacheable = self._hits = 0
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.tasks = Background()  # webhooks, claims, spend shared with the fleet
         self._spend_rules = bool(
             settings.spend_usd_per_hour
             or settings.spend_usd_per_day
@@ -76,8 +77,7 @@ class Alerts:
             self._flush_timer = None
         if self._unshared:
             await self._share()
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.tasks.drain()
         if self._session is not None:
             await self._session.close()
 
@@ -139,9 +139,7 @@ class Alerts:
 
     def _share_soon(self) -> None:
         self._flush_timer = None
-        task = asyncio.get_running_loop().create_task(self._share())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.tasks.spawn(self._share())
 
     async def _share(self) -> None:
         """Add this process's spend to the fleet's counters (one pipeline) and check the
@@ -278,9 +276,7 @@ class Alerts:
             return False
         self.fired[(rule, scope)] = now
         if self.shared is not None:  # one replica of the fleet claims it, the others stay quiet
-            task = asyncio.get_running_loop().create_task(self._claim(rule, scope, text, values))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.tasks.spawn(self._claim(rule, scope, text, values))
             return True
         self._send(rule, scope, text, values)
         return True
@@ -301,9 +297,7 @@ class Alerts:
         self.sent.append({"alert": rule, "scope": scope, "text": text, **values})
         del self.sent[:-100]
         if self._session is not None and self.settings.webhook_url:
-            task = asyncio.get_running_loop().create_task(self._post(rule, text))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.tasks.spawn(self._post(rule, text))
 
     async def _post(self, rule: str, text: str) -> None:
         assert self._session is not None and self.settings.webhook_url is not None

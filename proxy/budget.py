@@ -29,20 +29,20 @@ Redis are kept (merged per counter) and sent once it answers again.
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import orjson
 from aiohttp import web
 from redis.asyncio import Redis
 
 from proxy.alerts import Alerts
+from proxy.background import Background
 from proxy.config import BudgetSettings
 from proxy.context import RequestContext, context_of, counted, unreadable_error
 from proxy.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, free
@@ -200,7 +200,7 @@ class RedisCounters:
         self.fallback = fallback
         self.closed = closed
         self.script = guard.client.register_script(TAKE_LUA)  # EVALSHA, loaded on first use
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = Background()  # settlements under way
         self.unsent: dict[str, Charge] = {}  # settlements Redis did not take, merged per counter
 
     async def _run(self, client: Redis, charges: Sequence[Charge]) -> list[int]:
@@ -232,9 +232,7 @@ class RedisCounters:
         self._send(charges)
 
     def _send(self, charges: Sequence[Charge]) -> None:
-        task = asyncio.get_running_loop().create_task(self._settle(charges))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.tasks.spawn(self._settle(charges))
 
     async def _settle(self, charges: Sequence[Charge]) -> None:
         """Charge without a check now; what Redis does not take is kept for the next chance. On a
@@ -257,8 +255,7 @@ class RedisCounters:
 
     async def drain(self) -> None:
         """Wait for the settlements under way, and send what Redis missed once more."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.tasks.drain()
         if self.unsent:
             charges, self.unsent = list(self.unsent.values()), {}
             await self._settle(charges)

@@ -31,6 +31,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.background import Background
 from proxy.config import CacheSettings
 from proxy.context import RequestContext, context_of
 from proxy.endpoints import EMBEDDINGS, RESPONSES
@@ -190,7 +191,7 @@ class RedisBackend:
         self.prefix = prefix
         self.compress_min = compress_min
         self.local = local
-        self._pending: set[asyncio.Task[None]] = set()
+        self.pending = Background()  # stores under way
 
     async def get(self, key: str) -> Entry | None:
         if self.local is not None and (entry := await self.local.get(key)) is not None:
@@ -210,13 +211,10 @@ class RedisBackend:
     def store(self, key: str, entry: Entry, ttl_s: float) -> None:
         if self.local is not None:
             self.local.store(key, entry, ttl_s)
-        task = asyncio.ensure_future(self._set(key, entry, ttl_s))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self.pending.spawn(self._set(key, entry, ttl_s))
 
     async def drain(self) -> None:
-        while self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self.pending.drain()
 
     async def _set(self, key: str, entry: Entry, ttl_s: float) -> None:
         data = entry.encode(self.compress_min)

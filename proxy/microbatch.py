@@ -25,6 +25,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.background import Background
 from proxy.config import MicrobatchSettings
 from proxy.context import RequestContext, context_of
 from proxy.endpoints import EMBEDDINGS
@@ -93,7 +94,7 @@ class EmbeddingsBatcher(Stage):
         self.metrics = metrics
         self.send_upstream = send_upstream
         self.groups: dict[tuple[Any, ...], Group] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.tasks = Background()
         self.upstream_calls = 0  # merged calls made
         self.merged_requests = 0  # client requests answered by them
 
@@ -166,9 +167,7 @@ class EmbeddingsBatcher(Stage):
             members[0].done.set_result(None)
             return
         if members:
-            task = asyncio.get_running_loop().create_task(self._send(members))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.tasks.spawn(self._send(members))
 
     async def _send(self, members: list[Member]) -> None:
         leader = members[0]
@@ -254,5 +253,4 @@ class EmbeddingsBatcher(Stage):
     async def shutdown(self, app: web.Application) -> None:
         for group in list(self.groups.values()):
             self._flush(group)
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.tasks.drain()

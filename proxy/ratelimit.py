@@ -35,6 +35,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 
+from proxy.background import Background
 from proxy.config import ModelLimit, RateLimitSettings
 from proxy.context import RequestContext, context_of, unreadable_error
 from proxy.endpoints import EMBEDDINGS
@@ -274,7 +275,7 @@ class RedisBuckets:
         self.cluster = guard.cluster  # one script call per hash slot (a key's, a model's)
         self.pending: dict[str, tuple[Bucket, float]] = {}  # settlements not yet in Redis
         self._timer: asyncio.TimerHandle | None = None
-        self._flushing: set[asyncio.Task[None]] = set()
+        self.flushing = Background()
 
     async def _run(
         self, client: Redis, buckets: Sequence[Bucket], carried: list[float], force: bool
@@ -343,9 +344,7 @@ class RedisBuckets:
 
     def _flush_later(self) -> None:
         self._timer = None
-        task = asyncio.get_running_loop().create_task(self.flush())
-        self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
+        self.flushing.spawn(self.flush())
 
     async def flush(self) -> None:
         """Send every pending settlement now, in one script call."""
@@ -366,8 +365,7 @@ class RedisBuckets:
 
     async def drain(self) -> None:
         await self.flush()
-        if self._flushing:
-            await asyncio.gather(*list(self._flushing), return_exceptions=True)
+        await self.flushing.drain()
 
 
 # -- the stage -----------------------------------------------------------------------------------
@@ -405,7 +403,7 @@ class RateLimitStage(Stage):
         self.adaptive = settings.adaptive and settings.mode == "queue"
         self.enabled = keys.any_rate_limit or any(m.rpm or m.tpm for m in model_limits)
         self.guard: RedisGuard | None = None  # adaptive holds shared by the fleet, with Redis
-        self._hold_tasks: set[asyncio.Task[Any]] = set()
+        self.holds_shared = Background()
 
     def now(self) -> float:
         return self.clock()
@@ -420,8 +418,7 @@ class RateLimitStage(Stage):
     async def shutdown(self, app: web.Application) -> None:
         """Send the settlements still waiting for Redis (and the holds being shared)."""
         await self.buckets.drain()
-        if self._hold_tasks:
-            await asyncio.gather(*list(self._hold_tasks), return_exceptions=True)
+        await self.holds_shared.drain()
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
@@ -691,9 +688,7 @@ class RateLimitStage(Stage):
                     del self.held_until[min(self.held_until, key=self.held_until.__getitem__)]
             self.held_until[scope] = max(self.held_until.get(scope, 0.0), now + hold)
             if self.guard is not None:  # the other replicas hold back too
-                task = asyncio.get_running_loop().create_task(self._share_hold(scope, hold))
-                self._hold_tasks.add(task)
-                task.add_done_callback(self._hold_tasks.discard)
+                self.holds_shared.spawn(self._share_hold(scope, hold))
 
     # -- adaptive holds shared by the fleet (Redis) ----------------------------------------------
 

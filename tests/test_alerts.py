@@ -99,7 +99,7 @@ async def test_a_dead_webhook_never_affects_traffic(
     statuses = [await post(proxy, f"m{i}") for i in range(5)]
     assert statuses == [200] * 5
     alerts = proxy.app[ALERTS]
-    await asyncio.wait_for(asyncio.gather(*list(alerts._tasks)), 10)
+    await asyncio.wait_for(alerts.tasks.drain(), 10)
     failures = [r for r in app_logs.lines()[before:] if r["event"] == "alert_webhook_failed"]
     assert len(failures) == 1 and "secret-path" not in str(failures[0])  # the URL is not logged
 
