@@ -14,7 +14,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from proxy.types import SETTINGS, Handler
+from proxy.types import SETTINGS, Handler, Stage
 
 log = structlog.get_logger("thriftgate.errors")
 
@@ -122,39 +122,48 @@ _HTTP_CODES: dict[int, str] = {
 }
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost stage: any exception becomes OpenAI's envelope; no traceback reaches a client."""
-    try:
-        return await handler(request)
-    except ProxyError as exc:
-        return to_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
+class ErrorStage(Stage):
+    """Outermost stage: any exception becomes OpenAI's envelope; no traceback reaches a client.
+    (A class, as every stage is: aiohttp 4 drops the ``@web.middleware`` decorator.)"""
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ProxyError as exc:
+            return to_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            type_ = "invalid_request_error" if exc.status < 500 else "server_error"
+            message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else None
+            if exc.status == 404:
+                message = (
+                    f"Unknown path {request.path}: thriftgate serves the OpenAI API under "
+                    "/v1/* (point OPENAI_BASE_URL at <this address>/v1), and /healthz, /readyz "
+                    "and /metrics"
+                )
+            if exc.status == 413:
+                message = (
+                    f"The request body is larger than this proxy's limit of "
+                    f"{request.app[SETTINGS].server.max_body_bytes} bytes"
+                )
+            return error_response(
+                exc.status,
+                message or exc.reason,
+                type_,
+                _HTTP_CODES.get(exc.status, f"http_{exc.status}"),
+                headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
+            )
+        except (asyncio.CancelledError, ConnectionResetError):
             raise
-        type_ = "invalid_request_error" if exc.status < 500 else "server_error"
-        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else None
-        if exc.status == 404:
-            message = (
-                f"Unknown path {request.path}: thriftgate serves the OpenAI API under /v1/* "
-                "(point OPENAI_BASE_URL at <this address>/v1), and /healthz, /readyz and /metrics"
+        except Exception:
+            log.exception("unhandled_error", path=request.path, method=request.method)
+            return error_response(
+                500,
+                "thriftgate hit an internal error; see its logs",
+                "server_error",
+                "internal_error",
             )
-        if exc.status == 413:
-            message = (
-                f"The request body is larger than this proxy's limit of "
-                f"{request.app[SETTINGS].server.max_body_bytes} bytes"
-            )
-        return error_response(
-            exc.status,
-            message or exc.reason,
-            type_,
-            _HTTP_CODES.get(exc.status, f"http_{exc.status}"),
-            headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
-        )
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        log.exception("unhandled_error", path=request.path, method=request.method)
-        return error_response(
-            500, "thriftgate hit an internal error; see its logs", "server_error", "internal_error"
-        )
+
+
+error_middleware = ErrorStage()

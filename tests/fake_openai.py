@@ -303,7 +303,6 @@ class FakeOpenAI:
         )
 
     # -- plumbing ----------------------------------------------------------------------------
-    @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         body = await request.read() if request.path not in STREAMED_UPLOADS else b""
         self.requests.append(
@@ -354,6 +353,8 @@ class FakeOpenAI:
                 return self._bad("Invalid request: the body is not of the expected shape.")
         finally:
             self.in_flight -= 1
+
+    _middleware.__middleware_version__ = 1  # type: ignore[attr-defined]  # new-style (aiohttp 3)
 
     def _error(self, fault: Fault) -> web.Response:
         status = fault.status or 500
