@@ -121,16 +121,12 @@ async def check_redis(settings: Settings) -> Check:
 
     from proxy.budget import TAKE_LUA as BUDGET_LUA
     from proxy.ratelimit import TAKE_LUA as RATELIMIT_LUA
-    from proxy.store import close_client, detect_cluster, is_cluster, open_client
+    from proxy.store import close_client, connect, is_cluster
 
     shown = redact_url(settings.redis.url)
     patient = dataclasses.replace(settings.redis, timeout_s=5.0)  # a check, not a request
-    client = open_client(patient)
+    client = await connect(patient)
     try:
-        auto = patient.mode == "auto" and "+sentinel://" not in patient.url
-        if auto and await detect_cluster(client, 5.0):
-            await client.aclose()
-            client = open_client(patient, cluster=True)
         await client.ping()
         info = await client.info("server")
         for script in (BUDGET_LUA, RATELIMIT_LUA):

@@ -127,6 +127,16 @@ def is_cluster(client: Any) -> bool:
     return isinstance(client, RedisCluster)
 
 
+async def connect(settings: RedisSettings) -> Any:
+    """``open_client``, recognising a Redis Cluster node when ``redis.mode`` is ``auto``."""
+    client = open_client(settings)
+    auto = settings.mode == "auto" and "+sentinel://" not in (settings.url or "")
+    if auto and await detect_cluster(client, settings.timeout_s):
+        await client.aclose()
+        client = open_client(settings, cluster=True)
+    return client
+
+
 async def detect_cluster(client: aioredis.Redis, timeout_s: float) -> bool:
     """Whether a plain client's server is a Redis Cluster node (``redis.mode = auto``)."""
     try:
@@ -245,11 +255,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         app[REDIS] = None
         yield
         return
-    client = open_client(settings)
-    auto = settings.mode == "auto" and "+sentinel://" not in (settings.url or "")
-    if auto and await detect_cluster(client, settings.timeout_s):  # a Redis Cluster node
-        await client.aclose()
-        client = open_client(settings, cluster=True)
+    client = await connect(settings)
     guard = RedisGuard(client, settings, app[METRICS])
     app[REDIS] = guard
     await guard.probe()  # down now: degraded (and said so) before the port is bound
