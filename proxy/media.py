@@ -10,6 +10,7 @@ never buffered), and the answer's own ``usage``, ``size``, ``quality``, image co
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,6 @@ class MediaFacts:
     size: str | None = None
     quality: str | None = None
     characters: int | None = None  # speech: the input text's length
-    text: str | None = None  # speech: the input text (to count its tokens)
     images: int | None = None  # images in the answer
     seconds: float | None = None  # audio duration the answer reports
 
@@ -40,7 +40,6 @@ class MediaFacts:
         self.quality = quality if isinstance(quality, str) else None
         text = body.get("input")
         if isinstance(text, str):
-            self.text = text
             self.characters = len(text)
 
     def read_form(self, name: str, value: str) -> None:
@@ -65,6 +64,15 @@ class MediaFacts:
         duration = answer.get("duration")
         if isinstance(duration, int | float) and not isinstance(duration, bool):
             self.seconds = float(duration)
+
+    def audio_seconds(self, usage: Mapping[str, Any] | None) -> float | None:
+        """The audio's length: the answer's ``usage`` of type ``duration``, else its
+        ``duration`` field (verbose_json), else unknown."""
+        if usage and usage.get("type") == "duration":
+            seconds = usage.get("seconds")
+            if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+                return float(seconds)
+        return self.seconds
 
 
 class FormFields:

@@ -122,13 +122,7 @@ class PriceTable:
             return None
         if usage and isinstance(usage.get("input_tokens"), int):
             return self._tokens_usd(price, usage)
-        seconds = facts.seconds
-        if (
-            usage
-            and usage.get("type") == "duration"
-            and isinstance(usage.get("seconds"), int | float)
-        ):
-            seconds = float(usage["seconds"])
+        seconds = facts.audio_seconds(usage)
         if kind == "transcription" and seconds is not None and price.per_minute:
             return round(seconds / 60 * price.per_minute, 10)
         if kind == "image":

@@ -319,10 +319,7 @@ def media_seen(ctx: RequestContext, answer: dict[str, Any] | None) -> None:
         ctx.extra["image_size"] = media.size
     if media.quality is not None and ctx.kind == "image":
         ctx.extra["image_quality"] = media.quality
-    seconds = media.seconds
-    usage = ctx.usage
-    if usage is not None and usage.get("type") == "duration":
-        seconds = usage.get("seconds")
+    seconds = media.audio_seconds(ctx.usage)
     if seconds is not None:
         ctx.extra["audio_seconds"] = seconds
     if media.characters is not None:
