@@ -350,10 +350,10 @@ class BudgetStage(Stage):
         if ctx is None:
             return await handler(request)
         if not ctx.optimised:
-            if request.method == "POST" and not free(request.method, ctx.endpoint):
+            if request.method == "POST" and not free(ctx.endpoint):
                 limits = self.keys.limits(ctx.who)
                 if limits.budgeted:  # paid endpoints: refused once spent, charged after the fact
-                    await self._reserve(ctx, limits, media=ctx.media is not None)
+                    await self._reserve(ctx, limits)
             return await handler(request)
         count = await counted(ctx)
         if count is None:
@@ -436,13 +436,13 @@ class BudgetStage(Stage):
 
     # -- budgets ---------------------------------------------------------------------------------
 
-    async def _reserve(self, ctx: RequestContext, limits: Limits, *, media: bool = False) -> None:
+    async def _reserve(self, ctx: RequestContext, limits: Limits) -> None:
         """Charge the estimate to every budget window, or refuse. Images and audio reserve their
         price where the request tells it (else one nano-dollar); any other endpoint the proxy
         does not count is a probe (one token, one nano-dollar): refused once spent."""
         if not ctx.optimised:
             usd = None
-            if media and ctx.media is not None and ctx.kind is not None:
+            if ctx.media is not None and ctx.kind is not None:
                 usd = self.prices.media_estimate(ctx.kind, ctx.media)
             tokens = 1  # refused once a token budget is spent; settled to the answer's usage
             usd_nano = max(math.ceil(usd * NANO), 1) if usd is not None else 1

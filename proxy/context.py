@@ -33,8 +33,6 @@ if TYPE_CHECKING:
     from proxy.keys import Keys
     from proxy.usage import UsageLog
 
-# POST endpoints whose JSON body the chain parses (cache, tokens, budgets, rate limits).
-OPTIMISED_ENDPOINTS = frozenset(path for path, e in ENDPOINTS.items() if e.text)
 
 BAD_JSON = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
@@ -180,12 +178,12 @@ class RequestContextStage(Stage):
             if endpoint is not None:
                 ctx.kind = endpoint.kind
                 if endpoint.text:
+                    ctx.optimised = True  # the text stages act on it
                     await self._parse(request, ctx)
                 else:
                     ctx.media = MediaFacts()
-                    if endpoint.json:
+                    if endpoint.json:  # read, but no text stage acts on it
                         await self._parse(request, ctx)
-                        ctx.optimised = False  # read, but no text stage acts on it
                         if ctx.body is not None:
                             ctx.media.read_request(ctx.body)
                     else:
@@ -228,7 +226,6 @@ class RequestContextStage(Stage):
             raise RequestTimeout(
                 f"The request body did not arrive within {server.body_timeout_s:g} s"
             ) from None
-        ctx.optimised = True
         ctx.raw = raw
         text = decode_body(raw, request.headers.get("Content-Encoding"), limit)
         if text is None:  # an encoding this process cannot undo: the upstream decides

@@ -61,8 +61,6 @@ ENDPOINTS: dict[str, Endpoint] = {
 FREE = frozenset({RESPONSES_INPUT_TOKENS, MODERATIONS})
 
 
-def free(method: str, path: str) -> bool:
-    """A call OpenAI does not bill: the free endpoints, and cancelling a response."""
-    return path in FREE or (
-        method == "POST" and path.startswith("/v1/responses/") and path.endswith("/cancel")
-    )
+def free(path: str) -> bool:
+    """A POST OpenAI does not bill: the free endpoints, and cancelling a response."""
+    return path in FREE or (path.startswith("/v1/responses/") and path.endswith("/cancel"))
