@@ -94,7 +94,6 @@ class Alerts:
             self._slide(now, record)
 
     def _spend_seen(self, now: float, record: dict[str, Any], cost: float) -> None:
-        s = self.settings
         t = time.gmtime(now)
         hour = f"h{t.tm_year:04d}{t.tm_mon:02d}{t.tm_mday:02d}{t.tm_hour:02d}"
         day = f"d{t.tm_year:04d}{t.tm_mon:02d}{t.tm_mday:02d}"
@@ -103,39 +102,49 @@ class Alerts:
         if len(self._key_spend) > 100_000:
             self._key_spend = {k: v for k, v in self._key_spend.items() if k[0] in (hour, day)}
         key = str(record.get("key_alias") or record.get("key") or "-")
-        if self.shared is not None:  # the fleet's totals decide, once a second
-            self._share_later(hour, day, key, cost)
-            return
-        for period, label, overall, per_key in (
-            ("hour", hour, s.spend_usd_per_hour, s.key_spend_usd_per_hour),
-            ("day", day, s.spend_usd_per_day, s.key_spend_usd_per_day),
-        ):
-            self._spend[label] = spent = self._spend.get(label, 0.0) + cost
-            if overall and spent > overall:
-                self._spent(f"spend_per_{period}", "all", period, spent, overall)
-            if per_key:
-                k = (label, key)
-                self._key_spend[k] = spent = self._key_spend.get(k, 0.0) + cost
-                if spent > per_key:
-                    self._spent(f"key_spend_per_{period}", key, period, spent, per_key)
-
-    # -- fleet-wide spend -------------------------------------------------------------------------
-
-    def _share_later(self, hour: str, day: str, key: str, cost: float) -> None:
         s = self.settings
+        items = []  # (period, label, scope): the counters a rule watches
         for period, label, overall, per_key in (
             ("hour", hour, s.spend_usd_per_hour, s.key_spend_usd_per_hour),
             ("day", day, s.spend_usd_per_day, s.key_spend_usd_per_day),
         ):
             if overall:
-                k = (period, label, "all")
-                self._unshared[k] = self._unshared.get(k, 0.0) + cost
-            if per_key and len(self._unshared) < 100_000:
-                k = (period, label, key)
+                items.append((period, label, "all"))
+            if per_key:
+                items.append((period, label, key))
+        if self.shared is None:
+            for period, label, scope in items:
+                self._check(period, scope, self._add_local(label, scope, cost))
+            return
+        for k in items:  # the fleet's totals decide, once a second
+            if k[2] == "all" or k in self._unshared or len(self._unshared) < 100_000:
                 self._unshared[k] = self._unshared.get(k, 0.0) + cost
         if self._flush_timer is None:
             loop = asyncio.get_running_loop()
             self._flush_timer = loop.call_later(SHARE_EVERY_S, self._share_soon)
+
+    def _add_local(self, label: str, scope: str, usd: float) -> float:
+        """Add to this process's own spend counter; its total."""
+        if scope == "all":
+            self._spend[label] = spent = self._spend.get(label, 0.0) + usd
+        else:
+            k = (label, scope)
+            self._key_spend[k] = spent = self._key_spend.get(k, 0.0) + usd
+        return spent
+
+    def _check(self, period: str, scope: str, spent: float) -> None:
+        """Fire the spend rule watching ``scope`` (all, or one key) when ``spent`` is over it."""
+        s = self.settings
+        if scope == "all":
+            rule = f"spend_per_{period}"
+            threshold = s.spend_usd_per_hour if period == "hour" else s.spend_usd_per_day
+        else:
+            rule = f"key_spend_per_{period}"
+            threshold = s.key_spend_usd_per_hour if period == "hour" else s.key_spend_usd_per_day
+        if threshold and spent > threshold:
+            self._spent(rule, scope, period, spent, threshold)
+
+    # -- fleet-wide spend -------------------------------------------------------------------------
 
     def _share_soon(self) -> None:
         self._flush_timer = None
@@ -158,25 +167,10 @@ class Alerts:
             return [float(v) for v in done[::2]]
 
         totals = await self.shared.call("alerts", add, None)
-        s = self.settings
         for n, ((period, label, scope), usd) in enumerate(items):
-            if totals is None:  # Redis unavailable: this process's own counts
-                table = self._spend if scope == "all" else self._key_spend
-                k: Any = label if scope == "all" else (label, scope)
-                table[k] = table.get(k, 0.0) + usd
-                spent = table[k]
-            else:
-                spent = totals[n]
-            if scope == "all":
-                threshold = s.spend_usd_per_hour if period == "hour" else s.spend_usd_per_day
-                rule = f"spend_per_{period}"
-            else:
-                threshold = (
-                    s.key_spend_usd_per_hour if period == "hour" else s.key_spend_usd_per_day
-                )
-                rule = f"key_spend_per_{period}"
-            if threshold and spent > threshold:
-                self._spent(rule, scope, period, spent, threshold)
+            # Redis unavailable: this process's own counts
+            spent = totals[n] if totals is not None else self._add_local(label, scope, usd)
+            self._check(period, scope, spent)
 
     def _spent(self, rule: str, scope: str, period: str, spent: float, threshold: float) -> None:
         who = "" if scope == "all" else f"key {scope} "
