@@ -238,17 +238,23 @@ async def serve(
         cache=backend.name if backend is not None else "off",
         cache_bytes=cache_bytes,
     )
-    if console:
-        print(banner(facts), file=sys.stderr, flush=True)
-    else:
-        log.info(
-            "listening",
-            host=server.host,
-            port=port,
-            open_files=open_files,
-            shutdown_grace_s=server.shutdown_grace_s,
-            **facts,
-        )
+
+    def say(text: str, event: str | None = None, **values: Any) -> None:
+        """To a person (console mode) the sentence; to a log shipper the event."""
+        if console:
+            print(text, file=sys.stderr, flush=True)
+        elif event is not None:
+            log.info(event, **values)
+
+    say(
+        banner(facts),
+        "listening",
+        host=server.host,
+        port=port,
+        open_files=open_files,
+        shutdown_grace_s=server.shutdown_grace_s,
+        **facts,
+    )
     await stop.wait()
 
     grace = server.shutdown_grace_s
@@ -260,15 +266,13 @@ async def serve(
         if isinstance(c, ProxyRequestHandler)
     ]
     busy = sum(c.busy for c in handlers)
-    if console:
-        print(
-            f"thriftgate: stopping: draining {busy} request{'s' if busy != 1 else ''} in "
-            f"flight, up to {grace:g} s (server.shutdown_grace_s)",
-            file=sys.stderr,
-            flush=True,
-        )
-    else:
-        log.info("stopping", requests_in_flight=busy, grace_s=grace)
+    say(
+        f"thriftgate: stopping: draining {busy} request{'s' if busy != 1 else ''} in flight, "
+        f"up to {grace:g} s (server.shutdown_grace_s)",
+        "stopping",
+        requests_in_flight=busy,
+        grace_s=grace,
+    )
     if runner.server is not None:
         # idle keep-alive connections close now; busy ones once their answer is done
         runner.server.pre_shutdown()
@@ -276,20 +280,14 @@ async def serve(
     if tasks:
         _, running = await asyncio.wait(tasks, timeout=grace)
         if running:  # the grace is over: end them (each is settled with what it delivered)
-            if console:
-                print(
-                    f"thriftgate: the grace is over: ending {len(running)} request(s) still "
-                    "running (each is charged what it delivered)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            say(
+                f"thriftgate: the grace is over: ending {len(running)} request(s) still running "
+                "(each is charged what it delivered)"
+            )
             app[CONTEXT].stopping = True
             for task in running:
                 task.cancel()
             await asyncio.wait(running, timeout=STOP_MARGIN_S / 2)
     await runner.cleanup()  # drains (Redis settlements), then the usage log is flushed
-    if console:
-        print("thriftgate: stopped", file=sys.stderr, flush=True)
-    else:
-        log.info("stopped")
+    say("thriftgate: stopped", "stopped")
     return 0
