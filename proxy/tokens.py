@@ -306,12 +306,13 @@ def count_responses(enc: tiktoken.Encoding, body: dict[str, Any]) -> tuple[int, 
             partial |= refers
     tools = body.get("tools")
     if isinstance(tools, list) and tools:
-        functions = [
-            t for t in tools if isinstance(t, dict) and t.get("type", "function") == "function"
-        ]
+        functions, others = [], []
+        for tool in tools:
+            if isinstance(tool, dict):
+                function = tool.get("type", "function") == "function"
+                (functions if function else others).append(tool)
         if functions:
             total += count_tools(enc, functions)
-        others = [t for t in tools if isinstance(t, dict) and t not in functions]
         if others:  # built-in tools (web search, file search, MCP, ...): their JSON, estimated
             total += _text(enc, others)
             estimated = True
