@@ -18,7 +18,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,15 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from redis_fleet import CLI, Cluster  # noqa: E402
-from run import cpu_seconds, free_port, process, static_upstream, thriftgate  # noqa: E402
+from run import (  # noqa: E402
+    cpu_seconds,
+    free_port,
+    parse_wrk,
+    process,
+    static_upstream,
+    thriftgate,
+    wrk_command,
+)
 
 ENV = {
     "THRIFTGATE_RPM": "10000000",
@@ -65,36 +72,23 @@ def replicas(upstream: str, env: dict[str, str]) -> Iterator[list[int]]:
 
 def load(ports: list[int], duration: int, connections: int) -> dict:
     """Three wrk at once, one per replica; their RPS summed, their latencies' median taken."""
-    with tempfile.TemporaryDirectory():
-        procs = [
-            subprocess.Popen(
-                [
-                    "wrk",
-                    "-t1",
-                    f"-c{connections}",
-                    f"-d{duration}s",
-                    "--latency",
-                    "-s",
-                    str(HERE / "unique_chat.lua"),
-                    f"http://127.0.0.1:{p}",
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for p in ports
-        ]
-        outs = [p.communicate()[0] for p in procs]
-    rps = sum(float(re.search(r"Requests/sec:\s+([\d.]+)", o).group(1)) for o in outs)  # type: ignore[union-attr]
-    requests = sum(int(re.search(r"(\d+) requests in", o).group(1)) for o in outs)  # type: ignore[union-attr]
-    p99 = statistics.median(_ms(re.search(r"^\s+99%\s+(\S+)", o, re.M).group(1)) for o in outs)  # type: ignore[union-attr]
-    p50 = statistics.median(_ms(re.search(r"^\s+50%\s+(\S+)", o, re.M).group(1)) for o in outs)  # type: ignore[union-attr]
-    non2xx = sum(int(m.group(1)) for o in outs if (m := re.search(r"Non-2xx.*: (\d+)", o)))
-    return {"rps": rps, "requests": requests, "p50_ms": p50, "p99_ms": p99, "non_2xx": non2xx}
-
-
-def _ms(text: str) -> float:
-    value = float(re.match(r"[\d.]+", text).group(0))  # type: ignore[union-attr]
-    return value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[re.sub(r"[\d.]", "", text)]
+    procs = [
+        subprocess.Popen(
+            wrk_command(f"http://127.0.0.1:{p}", duration, connections, "unique_chat.lua"),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for p in ports
+    ]
+    outs = [p.communicate()[0] for p in procs]
+    runs = [parse_wrk(o) for o in outs]
+    return {
+        "rps": sum(r["rps"] for r in runs),
+        "requests": sum(r["requests"] for r in runs),
+        "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+        "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+        "non_2xx": sum(r["non_2xx"] for r in runs),
+    }
 
 
 def main() -> int:

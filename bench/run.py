@@ -192,33 +192,41 @@ def wrk(
 ) -> dict:
     cpu0 = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(
-        pinned(
-            LOAD_CPU,
-            [
-                "wrk",
-                "-t1",
-                f"-c{connections}",
-                f"-d{duration}s",
-                "--latency",
-                "-s",
-                str(HERE / script),
-                url,
-            ],
-        ),
+        pinned(LOAD_CPU, wrk_command(url, duration, connections, script)),
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+    run = parse_wrk(out)
+    cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
+    requests = run["requests"]
+    return {**run, "cpu_us_per_request": cpu / requests * 1e6 if pid and requests else None}
+
+
+def wrk_command(url: str, duration: int, connections: int, script: str) -> list[str]:
+    """One wrk thread, ``connections`` connections, latency percentiles, a Lua request script."""
+    return [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--latency",
+        "-s",
+        str(HERE / script),
+        url,
+    ]
+
+
+def parse_wrk(out: str) -> dict:
+    """RPS, requests, p50/p99 and errors from wrk's ``--latency`` report."""
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket_errors = re.search(r"Socket errors: (.*)", out)
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
     return {
         "rps": rps,
         "requests": requests,
-        "cpu_us_per_request": cpu / requests * 1e6 if pid and requests else None,
         "p50_ms": _ms(pct["50"]),
         "p99_ms": _ms(pct["99"]),
         "non_2xx": int(errors.group(1)) if errors else 0,
