@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from fake_openai import FakeOpenAI
+from redis_fleet import free_port, server_args
 from yarl import URL
 
 from proxy.app import create_app
@@ -34,12 +35,6 @@ AUTH_JSON = {**AUTH, "Content-Type": "application/json"}
 def scope_of(api_key: str, settings: Settings | None = None) -> str:
     """The keyed hash the proxy files a key's cache entries, budgets and limits under."""
     return Keys(settings or Settings()).identify(f"Bearer {api_key}").scope
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class UsageSink(io.BytesIO):
@@ -194,22 +189,7 @@ class RedisServer:
     def start(self) -> None:
         assert self.binary is not None
         self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--loglevel",
-                "warning",
-                *(["--requirepass", self.password] if self.password else []),
-            ],
+            server_args(self.port, *(["--requirepass", self.password] if self.password else [])),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

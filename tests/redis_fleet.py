@@ -66,7 +66,8 @@ class Process:
         self.proc = None
 
 
-def _server(port: int, *extra: str) -> list[str]:
+def server_args(port: int, *extra: str) -> list[str]:
+    """redis-server on ``port`` of 127.0.0.1, in memory only (no RDB, no AOF), quiet."""
     return [
         REDIS,
         "--port",
@@ -95,7 +96,7 @@ class Cluster:
         self.ports = [free_port(with_bus=True) for _ in range(3)]
         self.nodes = [
             Process(
-                _server(
+                server_args(
                     p,
                     "--cluster-enabled",
                     "yes",
@@ -159,9 +160,9 @@ class SentinelSetup:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tg-sentinel-"))
         self.primary_port, self.replica_port, self.sentinel_port = (free_port() for _ in range(3))
-        self.primary = Process(_server(self.primary_port), self.dir)
+        self.primary = Process(server_args(self.primary_port), self.dir)
         self.replica = Process(
-            _server(self.replica_port, "--replicaof", "127.0.0.1", str(self.primary_port)),
+            server_args(self.replica_port, "--replicaof", "127.0.0.1", str(self.primary_port)),
             self.dir,
         )
         conf = self.dir / "sentinel.conf"
