@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -26,6 +26,7 @@ from aiohttp import web
 
 from proxy.background import Background
 from proxy.config import AlertSettings
+from proxy.types import Part
 
 log = structlog.get_logger("thriftgate.alerts")
 
@@ -33,7 +34,7 @@ UPSTREAM_ERRORS = frozenset({"upstream_unavailable", "upstream_timeout", "upstre
 SHARE_EVERY_S = 1.0  # with Redis: spend reaches the fleet's counters within this
 
 
-class Alerts:
+class Alerts(Part):
     def __init__(
         self,
         settings: AlertSettings,
@@ -62,7 +63,9 @@ class Alerts:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    async def startup(self, app: web.Application) -> None:
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        """Fleet-wide spend in Redis when one is configured, and the webhook's session; on the
+        way out the spend not yet shared is added and the alerts under way are sent."""
         from proxy.store import REDIS
 
         self.shared = app.get(REDIS)
@@ -70,8 +73,7 @@ class Alerts:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.settings.webhook_timeout_s)
             )
-
-    async def shutdown(self, app: web.Application) -> None:
+        yield
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None

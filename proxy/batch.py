@@ -22,10 +22,10 @@ import aiohttp
 import orjson
 
 from proxy.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
+from proxy.outcome import token_fields
 from proxy.pricing import PriceTable
 from proxy.types import Sleep
 from proxy.upstream import unreachable
-from proxy.usage import token_fields
 
 SUPPORTED_URLS = (CHAT, EMBEDDINGS, COMPLETIONS, RESPONSES)
 NO_BATCH_API = (404, 405, 501)

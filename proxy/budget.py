@@ -1,19 +1,13 @@
-"""The token budget stage: tokens counted before the call, the context guard, and per-key
-budgets.
+"""Per-key budgets: tokens and USD, per UTC day and month.
 
-For every request to the optimised endpoints that reaches it (cache hits do not, and cost
-nothing):
-
-1. the prompt is counted offline (``proxy.tokens``; the optimise stage may have counted it
-   already). A body the counter cannot read goes upstream unchanged, uncounted, unless the key has
-   a budget: then it is refused with 400 naming the field (nothing can be reserved for it);
-2. a chat or completion whose prompt plus requested output cannot fit the model's context window
-   is refused with OpenAI's own ``context_length_exceeded`` error before any upstream call;
-3. the key's budgets (tokens and USD, per UTC day and month) are charged the estimate — prompt
-   plus the requested output, or ``output_reserve_tokens`` when none is set — or the request is
-   refused with 429 ``insufficient_quota`` and ``x-should-retry: false``. When the answer has been
-   delivered the charge is settled to the usage the upstream reported, so concurrent requests can
-   overshoot a budget only by what their answers exceed their reservations.
+For every request to the text endpoints that reaches it (cache hits do not, and cost nothing) from
+a key with a budget, the key's budgets are charged the estimate the admission stage made — prompt
+plus the requested output, or ``output_reserve_tokens`` when none is set — or the request is
+refused with 429 ``insufficient_quota`` and ``x-should-retry: false``. A body the admission stage
+could not count is refused with 400 naming the field (nothing can be reserved for it). When the
+answer has been delivered the charge is settled to the request's ``Outcome`` (``proxy.outcome``),
+so concurrent requests can overshoot a budget only by what their answers exceed their
+reservations.
 
 The Responses API is one of the optimised endpoints (counted, guarded, reserved and settled like
 chat). Images and audio reserve their price where the request tells it (``media_estimate``) and
@@ -33,40 +27,26 @@ import calendar
 import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import orjson
 from aiohttp import web
 from redis.asyncio import Redis
 
 from proxy.alerts import Alerts
-from proxy.background import Background
 from proxy.config import BudgetSettings
-from proxy.context import RequestContext, context_of, counted, unreadable_error
-from proxy.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, free
-from proxy.errors import ContextLengthExceeded, QuotaExceeded, ServiceUnavailable
+from proxy.context import RequestContext, context_of, unreadable_error
+from proxy.endpoints import EMBEDDINGS, free
+from proxy.errors import QuotaExceeded, ServiceUnavailable
 from proxy.keys import Keys, Limits
 from proxy.metrics import Metrics
+from proxy.outcome import Outcome
 from proxy.pricing import PriceTable
-from proxy.store import REDIS, RedisGuard, hash_tag
-from proxy.tokens import Catalogue, Count
-from proxy.types import Handler, Stage
-from proxy.upstream import Outcome, Reply
-from proxy.usage import UsageStripper, charged, spent
+from proxy.store import REDIS, RedisGuard, Shared, hash_tag
+from proxy.types import Clock, Handler, Stage
 
-PROMPT_TOKENS_HEADER = "x-thriftgate-prompt-tokens"
-PROMPT_SOURCE_HEADER = "x-thriftgate-prompt-tokens-source"  # exact | approximate | partial
 NANO = 1_000_000_000  # USD budgets are counted in nano-dollars (integers, exact in Lua)
-
-
-def requested_output(body: dict[str, object]) -> int:
-    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return 0
 
 
 # -- counters ------------------------------------------------------------------------------------
@@ -113,9 +93,7 @@ class MemoryCounters:
 
     name = "memory"
 
-    def __init__(
-        self, clock: Callable[[], float] = time.time, max_counters: int = MAX_LOCAL_COUNTERS
-    ) -> None:
+    def __init__(self, clock: Clock = time.time, max_counters: int = MAX_LOCAL_COUNTERS) -> None:
         self.clock = clock
         self.max_counters = max_counters
         self.values: dict[str, list[float]] = {}  # counter -> [value, expires_at]
@@ -187,31 +165,28 @@ return out
 """
 
 
-class RedisCounters:
+class RedisCounters(Shared[MemoryCounters]):
     """Counters in Redis, shared by every replica. While Redis is unavailable: in memory
     (``closed`` off), or refused (``closed`` on); settlements are kept until it is back."""
 
     name = "redis"
+    operation = "budget"
 
-    def __init__(
-        self, guard: RedisGuard, fallback: MemoryCounters, *, closed: bool = False
-    ) -> None:
-        self.guard = guard
-        self.fallback = fallback
+    def __init__(self, guard: RedisGuard, local: MemoryCounters, *, closed: bool = False) -> None:
+        super().__init__(guard, local, TAKE_LUA)
         self.closed = closed
-        self.script = guard.client.register_script(TAKE_LUA)  # EVALSHA, loaded on first use
-        self.tasks = Background()  # settlements under way
         self.unsent: dict[str, Charge] = {}  # settlements Redis did not take, merged per counter
 
     async def _run(self, client: Redis, charges: Sequence[Charge]) -> list[int]:
         args: list[int] = []
         for c in charges:
             args += (c.limit, c.amount, int(c.expires_at * 1000))
+        assert self.script is not None
         result = await self.script(keys=[c.counter for c in charges], args=args, client=client)
         return [int(v) for v in result]
 
     async def take(self, charges: Sequence[Charge]) -> tuple[Counters, int | None, list[int]]:
-        result = await self.guard.call("budget", lambda c: self._run(c, charges), None)
+        result = await self.call(lambda c: self._run(c, charges), None)
         if result is None:  # Redis unavailable (the guard has said so)
             if self.closed:
                 raise ServiceUnavailable(
@@ -220,7 +195,7 @@ class RedisCounters:
                     "Try again shortly.",
                     headers={"retry-after": "1"},
                 )
-            return await self.fallback.take(charges)
+            return await self.local.take(charges)
         if self.unsent:
             self._send(list(self.unsent.values()))  # Redis answers again: what it missed
             self.unsent = {}
@@ -240,12 +215,13 @@ class RedisCounters:
         time."""
         groups: dict[str, list[Charge]] = {}
         for c in charges:
-            groups.setdefault(hash_tag(c.counter) if self.guard.cluster else "", []).append(c)
+            groups.setdefault(hash_tag(c.counter) if self.cluster else "", []).append(c)
         for group in groups.values():
-            if await self.guard.call("budget", lambda c, g=group: self._run(c, g), None) is None:
-                self._keep(group)
+            if await self.call(lambda c, g=group: self._run(c, g), None) is None:
+                self.keep(group)
 
-    def _keep(self, charges: Sequence[Charge]) -> None:
+    def keep(self, charges: Sequence[Charge]) -> None:
+        """Keep settlements Redis did not take, merged per counter, for its next answer."""
         for c in charges:
             if len(self.unsent) >= MAX_LOCAL_COUNTERS and c.counter not in self.unsent:
                 continue  # a very long outage: beyond this many counters, settlements are lost
@@ -308,131 +284,53 @@ def _iso(ts: float) -> str:
 
 
 class BudgetStage(Stage):
+    """Per-key budgets; in the chain only when some key has one (``keys.any_budget``)."""
+
     def __init__(
         self,
-        catalogue: Catalogue,
         keys: Keys,
         prices: PriceTable,
         settings: BudgetSettings,
         metrics: Metrics,
-        clock: Callable[[], float] = time.time,
+        *,
+        clock: Clock = time.time,
         alerts: Alerts | None = None,
-        force_stream_usage: bool = False,
         on_failure: str = "local",
     ) -> None:
         self.on_failure = on_failure
         self.alerts = alerts
-        self.force_usage = force_stream_usage
-        self.catalogue = catalogue
         self.keys = keys
         self.prices = prices
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
-        self.counters: Counters = MemoryCounters(self.now)
+        self.counters: Counters = MemoryCounters(clock)
+        self.active = keys.any_budget
 
-    def now(self) -> float:
-        return self.clock()  # looked up each time, so a test can swap the clock
-
-    async def startup(self, app: web.Application) -> None:
-        """Budgets in Redis when one is configured (falling back to memory while it is down)."""
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        """Budgets in Redis when one is configured (falling back to memory while it is down);
+        the settlements Redis has not taken yet are sent before it closes."""
         guard = app[REDIS]
-        if guard is not None and self.keys.any_budget:
+        if guard is not None:
             self.counters = RedisCounters(
-                guard, MemoryCounters(self.now), closed=self.on_failure == "closed"
+                guard, MemoryCounters(self.clock), closed=self.on_failure == "closed"
             )
-
-    async def shutdown(self, app: web.Application) -> None:
+        yield
         await self.counters.drain()
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
-        if ctx is None:
+        if ctx is None or request.method != "POST" or free(ctx.endpoint):
             return await handler(request)
-        if not ctx.optimised:
-            if request.method == "POST" and not free(ctx.endpoint):
-                limits = self.keys.limits(ctx.who)
-                if limits.budgeted:  # paid endpoints: refused once spent, charged after the fact
-                    await self._reserve(ctx, limits)
-            return await handler(request)
-        count = await counted(ctx)
-        if count is None:
-            limits = self.keys.limits(ctx.who)
-            if limits.budgeted:
-                raise unreadable_error(ctx, "a budget")
-            return await handler(request)
-        ctx.prompt_estimate = count.tokens
-        ctx.prompt_source = count.source
-        assert ctx.body is not None
-        ctx.output_limit = requested_output(ctx.body)
-        self._guard(ctx, count)
-        strip = self._force_stream_usage(ctx)
         limits = self.keys.limits(ctx.who)
-        if limits.budgeted:
-            await self._reserve(ctx, limits)
-        resp = await handler(request)
-        resp.headers[PROMPT_TOKENS_HEADER] = str(count.tokens)
-        resp.headers[PROMPT_SOURCE_HEADER] = count.source
-        if strip and isinstance(resp, Reply) and resp.status < 300:
-            self._strip_usage(ctx, resp)
-        return resp
-
-    # -- exact usage for streams ------------------------------------------------------------------
-
-    def _force_stream_usage(self, ctx: RequestContext) -> bool:
-        """With ``usage.force_stream_usage``: ask for the usage chunk the client did not ask for
-        (the request sent upstream changes; the client's stream will not)."""
-        if not self.force_usage or not ctx.stream or ctx.endpoint not in (CHAT, COMPLETIONS):
-            return False  # embeddings do not stream; Responses streams always carry usage
-        assert ctx.body is not None
-        options = ctx.body.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage") is True:
-            return False
-        if options is not None and not isinstance(options, dict):
-            return False  # the upstream will refuse it as it is; leave that to it
-        body = {**ctx.body, "stream_options": {**(options or {}), "include_usage": True}}
-        try:
-            ctx.raw = orjson.dumps(body)
-        except TypeError:  # nested deeper than orjson writes: leave the request alone
-            return False
-        ctx.body, ctx.rewritten = body, True
-        return True
-
-    @staticmethod
-    def _strip_usage(ctx: RequestContext, reply: Reply) -> None:
-        if reply.headers.get("Content-Encoding"):  # a compressed stream is passed as it is
-            return
-        stripper = UsageStripper()
-        reply.transform = stripper
-
-        def keep(outcome: Outcome) -> None:
-            if stripper.usage is not None:
-                ctx.usage = stripper.usage
-
-        reply.on_done.insert(0, keep)  # before the usage log reads ctx.usage
-
-    # -- the context guard -----------------------------------------------------------------------
-
-    def _guard(self, ctx: RequestContext, count: Count) -> None:
-        """Refuse what cannot fit, as OpenAI would: not when parts were estimated (an image of
-        unknown size could refuse a request that fits), and not for embeddings (their limit is per
-        input, and OpenAI reports it). A model the catalogue knows but tiktoken does not (one added
-        in the config) is counted with o200k_base and guarded all the same."""
-        if count.parts_estimated or ctx.endpoint == EMBEDDINGS:
-            return
-        info = self.catalogue.lookup(ctx.model)
-        if info is None:
-            return
-        output = ctx.output_limit or 0
-        if count.tokens + output > info.context_window:
-            field = "input" if ctx.endpoint == RESPONSES else "messages"
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {info.context_window} tokens. However, "
-                f"you requested {count.tokens + output} tokens ({count.tokens} in the {field}, "
-                f"{output} in the completion). Please reduce the length of the {field} or "
-                "completion.",
-                param=field,
-            )
+        if not limits.budgeted:
+            return await handler(request)
+        if ctx.optimised and ctx.prompt_estimate is None:  # admission could not count it
+            raise unreadable_error(ctx, "a budget")
+        # the text endpoints reserve their estimate; other paid ones are refused once spent and
+        # charged after the fact
+        await self._reserve(ctx, limits)
+        return await handler(request)
 
     # -- budgets ---------------------------------------------------------------------------------
 
@@ -476,7 +374,7 @@ class BudgetStage(Stage):
             for w, charge, value in zip(wins, charges, values, strict=True):
                 self.alerts.budget(ctx.key, limits.alias, w.unit, w.period, value / charge.limit)
         reservation = Reservation(counters, charges, units, tokens, usd_nano)
-        ctx.settlers.append(lambda c: self._settle(c, reservation))
+        ctx.settlers.append(lambda outcome: self._settle(outcome, reservation))
 
     def _refuse(self, w: Window, charge: Charge, used: int, now: float, limits: Limits) -> None:
         rejected = self.metrics.budget_rejections
@@ -505,21 +403,21 @@ class BudgetStage(Stage):
             headers={"x-should-retry": "false"},
         )
 
-    def _settle(self, ctx: RequestContext, r: Reservation) -> None:
+    def _settle(self, outcome: Outcome, r: Reservation) -> None:
         """Give back the reservation and charge what the call actually used: the upstream's usage;
         nothing for an answer that failed; the prompt estimate when usage is unknown."""
-        fields = spent(ctx)
-        if ctx.media is not None:  # images and audio: their price, from the answer
-            total = (fields or {}).get("total_tokens") or 0
-            failed = (ctx.status or 0) >= 400 and ctx.status != 499
-            usd = 0.0 if failed else charged(ctx, self.prices)  # None: keep the reservation
-        elif fields is None:
-            total = ctx.prompt_estimate or 0
-            usd = self.prices.estimate(ctx.model, total, 0)
+        spent = outcome.spent
+        usd: float | None
+        if outcome.ctx.media is not None:  # images and audio: their price, from the answer
+            total = (spent or {}).get("total_tokens") or 0
+            usd = 0.0 if outcome.failed else outcome.price_usd  # None: keep the reservation
+        elif spent is None:
+            total = outcome.ctx.prompt_estimate or 0
+            usd = self.prices.estimate(outcome.model, total, 0)
         else:
-            total = fields["total_tokens"] or 0
-            usd = self.prices.cost(ctx.model, fields)
-        if usd is None and total == 0 and ctx.media is None:
+            total = spent["total_tokens"] or 0
+            usd = outcome.price_usd
+        if usd is None and total == 0 and outcome.ctx.media is None:
             usd = 0.0  # nothing was spent (a failure, or an answer without usage)
         actual_usd = math.ceil(usd * NANO) if usd is not None else r.usd_nano
         deltas = []

@@ -22,7 +22,7 @@ import struct
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,15 +31,15 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.background import Background
 from proxy.config import CacheSettings
 from proxy.context import RequestContext, context_of
+from proxy.decoding import Decoder, decoded
 from proxy.endpoints import EMBEDDINGS, RESPONSES
 from proxy.metrics import Metrics
-from proxy.store import REDIS, RedisGuard
-from proxy.types import Handler, Stage
-from proxy.upstream import Outcome, Reply
-from proxy.usage import Decoder, decoded, usage_of
+from proxy.outcome import Outcome
+from proxy.store import REDIS, RedisGuard, Shared
+from proxy.types import Clock, Handler, Stage
+from proxy.upstream import Reply
 
 log = structlog.get_logger("thriftgate.cache")
 
@@ -125,9 +125,7 @@ class MemoryBackend:
 
     name = "memory"
 
-    def __init__(
-        self, max_bytes: int, metrics: Metrics, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, max_bytes: int, metrics: Metrics, clock: Clock = time.time) -> None:
         self.max_bytes = max_bytes
         self.metrics = metrics
         self.clock = clock
@@ -136,6 +134,10 @@ class MemoryBackend:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def keys(self) -> list[str]:
+        """The keys held, least recently used first."""
+        return list(self._entries)
 
     async def get(self, key: str) -> Entry | None:
         found = self._entries.get(key)
@@ -170,7 +172,7 @@ class MemoryBackend:
         self.bytes -= entry.size
 
 
-class RedisBackend:
+class RedisBackend(Shared[MemoryBackend | None]):
     """Entries under ``<prefix><sha256 hex>`` with a Redis expiry; one key per entry, so it fits
     Redis Cluster. Entries of ``compress_min`` bytes or more are stored zlib-compressed.
 
@@ -187,16 +189,14 @@ class RedisBackend:
         compress_min: int,
         local: MemoryBackend | None = None,
     ) -> None:
-        self.guard = guard
+        super().__init__(guard, local)
         self.prefix = prefix
         self.compress_min = compress_min
-        self.local = local
-        self.pending = Background()  # stores under way
 
     async def get(self, key: str) -> Entry | None:
         if self.local is not None and (entry := await self.local.get(key)) is not None:
             return entry
-        data = await self.guard.call("cache_get", lambda r: r.get(self.prefix + key), None)
+        data = await self.call(lambda r: r.get(self.prefix + key), None, "cache_get")
         if data is None:
             return None
         try:
@@ -205,22 +205,19 @@ class RedisBackend:
             log.warning("cache_entry_unreadable", key=key[:16])
             return None
         if self.local is not None:
-            self.local.store(key, entry, entry.expires_at - time.time())
+            self.local.store(key, entry, entry.expires_at - self.local.clock())
         return entry
 
     def store(self, key: str, entry: Entry, ttl_s: float) -> None:
         if self.local is not None:
             self.local.store(key, entry, ttl_s)
-        self.pending.spawn(self._set(key, entry, ttl_s))
-
-    async def drain(self) -> None:
-        await self.pending.drain()
+        self.tasks.spawn(self._set(key, entry, ttl_s))
 
     async def _set(self, key: str, entry: Entry, ttl_s: float) -> None:
         data = entry.encode(self.compress_min)
         ttl_ms = max(1, int(min(ttl_s, MAX_TTL_S) * 1000))
         name = self.prefix + key
-        await self.guard.call("cache_set", lambda r: r.set(name, data, px=ttl_ms), None)
+        await self.call(lambda r: r.set(name, data, px=ttl_ms), None, "cache_set")
 
 
 # Headers of the original answer that a hit replays (stale x-ratelimit-* and cookies are not).
@@ -297,18 +294,24 @@ def replayable(body: dict[str, Any] | None) -> bool:
 
 class CacheStage(Stage):
     def __init__(
-        self, settings: CacheSettings, metrics: Metrics, *, follower_wait_s: float
+        self,
+        settings: CacheSettings,
+        metrics: Metrics,
+        *,
+        follower_wait_s: float,
+        clock: Clock = time.time,
     ) -> None:
         self.settings = settings
+        self.active = settings.enabled
+        self.clock = clock  # entries' ages and expiries
         self.metrics = metrics
         self.follower_wait_s = follower_wait_s
         self.backend: Backend | None = None
         self.flights: dict[str, asyncio.Future[Entry | None]] = {}
 
-    async def startup(self, app: web.Application) -> None:
-        """Pick the backend once Redis (if configured) is open."""
-        if not self.settings.enabled:
-            return
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        """The backend, picked once Redis (if configured) is open; the stores under way are
+        finished before it closes."""
         guard = app[REDIS]
         if guard is not None and self.settings.backend in {"auto", "redis"}:
             local_bytes = self.settings.local_max_bytes
@@ -316,12 +319,11 @@ class CacheStage(Stage):
                 guard,
                 self.settings.redis_prefix,
                 self.settings.compress_min_bytes,
-                MemoryBackend(local_bytes, self.metrics) if local_bytes else None,
+                MemoryBackend(local_bytes, self.metrics, self.clock) if local_bytes else None,
             )
         else:
-            self.backend = MemoryBackend(self.settings.max_bytes, self.metrics)
-
-    async def shutdown(self, app: web.Application) -> None:
+            self.backend = MemoryBackend(self.settings.max_bytes, self.metrics, self.clock)
+        yield
         await self.drain()
 
     async def drain(self) -> None:
@@ -408,12 +410,12 @@ class CacheStage(Stage):
 
     def _hit(self, ctx: RequestContext, entry: Entry) -> web.Response:
         ctx.cache = "hit"
-        ctx.usage = entry.usage
+        ctx.hit_usage = entry.usage
         ctx.upstream_request_id = dict(entry.headers).get("x-request-id")
         self.metrics.cache["hit"] += 1
         headers = CIMultiDict(entry.headers)
         headers[CACHE_HEADER] = "HIT"
-        headers["age"] = str(max(0, int(time.time() - entry.stored_at)))
+        headers["age"] = str(max(0, int(self.clock() - entry.stored_at)))
         return web.Response(status=entry.status, body=entry.body, headers=headers)
 
     def _record(
@@ -430,7 +432,7 @@ class CacheStage(Stage):
             recorder = _BodyRecorder(encoding, self.settings.max_entry_bytes)
             resp.observers.append(recorder.feed)
 
-        def done(outcome: Outcome) -> None:
+        def store(outcome: Outcome) -> None:
             body = None
             if outcome.error is None:
                 if recorder is not None:
@@ -442,17 +444,16 @@ class CacheStage(Stage):
                         body = None
             entry = None
             if body is not None:
-                # the usage log reads it from here too, instead of parsing the body again (a
-                # stream whose usage chunk was taken out has its usage in ctx already)
-                ctx.usage = usage_of(resp.headers.get("Content-Type"), body) or ctx.usage
-                now = time.time()
-                entry = Entry(resp.status, _replayed(resp.headers), body, now, ctx.usage, now + ttl)
+                # the answer's usage (not an estimate), replayed into the usage line of each hit
+                usage = outcome.usage if outcome.tokens_source == "upstream" else None
+                now = self.clock()
+                entry = Entry(resp.status, _replayed(resp.headers), body, now, usage, now + ttl)
             self._land(key, leader, entry)
             if entry is not None and self.backend is not None:
                 self.metrics.cache["store"] += 1
                 self.backend.store(key, entry, ttl)
 
-        resp.on_done.append(done)
+        ctx.settlers.append(store)  # once the answer is delivered (or the request has ended)
 
     def _land(
         self, key: str, leader: asyncio.Future[Entry | None] | None, entry: Entry | None
@@ -463,3 +464,6 @@ class CacheStage(Stage):
             del self.flights[key]
         if not leader.done():
             leader.set_result(entry)
+
+
+CACHE: web.AppKey[CacheStage] = web.AppKey("cache", CacheStage)

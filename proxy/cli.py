@@ -154,7 +154,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 
 def count_tokens(path: str, model: str | None) -> int:
-    from proxy.budget import requested_output
+    from proxy.admission import requested_output
     from proxy.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
     from proxy.pricing import PriceTable
     from proxy.tokens import count_request

@@ -19,18 +19,21 @@ import orjson
 import structlog
 from aiohttp import web
 
+from proxy.answers import UsageRecorder
 from proxy.endpoints import ENDPOINTS
 from proxy.errors import InvalidRequest, PayloadTooLarge, ProxyError, RequestTimeout
 from proxy.inbound import NO_CONTROL, Control, check_path, decode_body, read_headers, safe_text
 from proxy.keys import NOBODY, Identity
 from proxy.media import FormFields, MediaFacts
+from proxy.outcome import Outcome, conclude
 from proxy.tokens import Count, Uncountable, count_request_async, unreadable_field
 from proxy.types import Handler, Stage
-from proxy.upstream import Outcome, Reply
+from proxy.upstream import Delivery, Reply
 
 if TYPE_CHECKING:
     from proxy.config import ServerSettings
     from proxy.keys import Keys
+    from proxy.pricing import PriceTable
     from proxy.usage import UsageLog
 
 
@@ -71,9 +74,9 @@ class RequestContext:
     stream: bool = False
     user: str | None = None  # the body's ``user`` field
     tags: list[str] | None = None  # from the x-thriftgate-tags header
-    # filled in by the stages as the request goes
-    status: int | None = None
+    # filled in by the stages as the request goes (the outcome is ``proxy.outcome``'s)
     cache: str | None = None
+    hit_usage: dict[str, Any] | None = None  # a cache hit: the stored answer's usage
     attempts: int = 1
     retry_wait_ms: float = 0.0
     rate_limited_ms: float = 0.0  # time spent waiting in the rate limiter's queue
@@ -83,15 +86,10 @@ class RequestContext:
     output_limit: int | None = None  # the output tokens the request asks for at most (0: no limit)
     tried: tuple[str, ...] = ()
     upstream_request_id: str | None = None
-    usage: dict[str, Any] | None = None
-    tokens_source: str = "upstream"  # or "estimated": counted by the proxy (streams without usage)
-    error: str | None = None
     upstream_ms: float | None = None
-    ttft_ms: float | None = None
-    latency_ms: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    # called once the outcome (status, usage) is known: budgets and rate limits settle here
-    settlers: list[Callable[[RequestContext], None]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # a stage's own fields for the usage line
+    # called once with the request's ``Outcome``: budgets, rate limits and the cache settle here
+    settlers: list[Callable[[Outcome], None]] = field(default_factory=list)
 
     def elapsed_ms(self, at: float | None = None) -> float:
         return round(((at if at is not None else time.monotonic()) - self.started) * 1000, 3)
@@ -138,10 +136,14 @@ def context_of(request: web.Request) -> RequestContext | None:
 
 
 class RequestContextStage(Stage):
-    """Builds the request context, binds the log context and reports each outcome once."""
+    """Builds the request context, binds the log context, and when the request has ended builds
+    its one ``Outcome`` (``proxy.outcome``) and hands it to the settlers and the usage log."""
 
-    def __init__(self, usage_log: UsageLog, keys: Keys, server: ServerSettings) -> None:
+    def __init__(
+        self, usage_log: UsageLog, keys: Keys, server: ServerSettings, prices: PriceTable
+    ) -> None:
         self.usage_log = usage_log
+        self.prices = prices
         self.keys = keys
         self.server = server  # body size limit and deadline
         # request ids: a random per-process prefix and a counter (unique, and cheap to make)
@@ -201,10 +203,10 @@ class RequestContextStage(Stage):
         except Exception:
             self._close(ctx, 500, "internal_error")
             raise
-        ctx.status = resp.status
         if isinstance(resp, Reply):
             ctx.upstream_request_id = resp.headers.get("x-request-id")
-            self.usage_log.watch(ctx, resp, lambda outcome: self._delivered(ctx, outcome))
+            recorder = watch(resp)
+            resp.on_done.append(lambda d: self._delivered(ctx, resp, recorder, d))
         else:
             self._close(ctx, resp.status, None)
         return resp
@@ -252,30 +254,56 @@ class RequestContextStage(Stage):
         ctx.user = user[:200] if isinstance(user, str) else None
         ctx.unreadable = unreadable_field(ctx.endpoint, body)
 
-    def _delivered(self, ctx: RequestContext, outcome: Outcome) -> None:
-        done = time.monotonic()
-        if ctx.stream and outcome.first_byte_at is not None:
-            ctx.ttft_ms = ctx.elapsed_ms(outcome.first_byte_at)
-        if outcome.error is not None:
-            stopped = self.stopping and outcome.error == "client_disconnected"
-            ctx.error = "shutdown" if stopped else outcome.error
-        ctx.latency_ms = ctx.elapsed_ms(done)
-        self._settle(ctx)
-        self.usage_log.write(ctx)
+    def _delivered(
+        self, ctx: RequestContext, reply: Reply, recorder: UsageRecorder, delivery: Delivery
+    ) -> None:
+        error = delivery.error
+        if self.stopping and error == "client_disconnected":
+            error = "shutdown"
+        first = delivery.first_byte_at
+        if reply.whole and reply.body_bytes and (recorder.sse or recorder.json):
+            recorder.feed(reply.body_bytes)
+        self._finish(
+            conclude(
+                ctx,
+                self.prices,
+                status=reply.status,
+                error=error,
+                latency_ms=ctx.elapsed_ms(),
+                ttft_ms=ctx.elapsed_ms(first) if ctx.stream and first is not None else None,
+                recorder=recorder,
+                taken_usage=reply.transform.usage if reply.transform is not None else None,
+            )
+        )
 
     def _close(self, ctx: RequestContext, status: int, error: str | None) -> None:
-        ctx.status = status
-        if error is not None:
-            ctx.error = error
-        ctx.latency_ms = ctx.elapsed_ms()
-        self._settle(ctx)
-        self.usage_log.write(ctx)
+        """A request that ended without an answer from upstream to deliver (refused, failed,
+        cancelled, or answered by the proxy itself)."""
+        outcome = conclude(
+            ctx, self.prices, status=status, error=error, latency_ms=ctx.elapsed_ms()
+        )
+        self._finish(outcome)
 
-    @staticmethod
-    def _settle(ctx: RequestContext) -> None:
+    def _finish(self, outcome: Outcome) -> None:
+        ctx = outcome.ctx
         settlers, ctx.settlers = ctx.settlers, []
         for settle in settlers:
             try:
-                settle(ctx)
+                settle(outcome)
             except Exception:  # a settlement never breaks the response or the usage log
                 structlog.get_logger("thriftgate").exception("settle_failed")
+        self.usage_log.write(outcome)
+
+
+def watch(reply: Reply) -> UsageRecorder:
+    """A recorder of ``reply``'s usage, fed as its body passes (a whole body is read once it is
+    delivered). A stream's text is kept, bounded, whether or not a usage chunk is expected: a
+    stream that ends before its usage chunk is charged what it delivered."""
+    recorder = UsageRecorder(
+        reply.headers.get("Content-Type"),
+        reply.headers.get("Content-Encoding"),
+        collect_text=reply.status < 300,
+    )
+    if (recorder.sse or recorder.json) and not reply.whole:
+        reply.observers.append(recorder.feed)
+    return recorder

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +28,11 @@ from multidict import CIMultiDict
 from proxy.background import Background
 from proxy.config import MicrobatchSettings
 from proxy.context import RequestContext, context_of
+from proxy.decoding import decoded
 from proxy.endpoints import EMBEDDINGS
 from proxy.metrics import Metrics
 from proxy.types import Handler, Stage
 from proxy.upstream import Reply
-from proxy.usage import decoded
 
 log = structlog.get_logger("thriftgate.microbatch")
 
@@ -91,6 +91,7 @@ class EmbeddingsBatcher(Stage):
         self, settings: MicrobatchSettings, metrics: Metrics, send_upstream: SendUpstream
     ) -> None:
         self.settings = settings
+        self.active = settings.embeddings  # opt-in
         self.metrics = metrics
         self.send_upstream = send_upstream
         self.groups: dict[tuple[Any, ...], Group] = {}
@@ -250,7 +251,9 @@ class EmbeddingsBatcher(Stage):
             )
         return out
 
-    async def shutdown(self, app: web.Application) -> None:
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        """On the way out: the groups still waiting are sent, and their answers awaited."""
+        yield
         for group in list(self.groups.values()):
             self._flush(group)
         await self.tasks.drain()

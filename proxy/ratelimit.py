@@ -27,7 +27,7 @@ import fnmatch
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,9 +42,9 @@ from proxy.endpoints import EMBEDDINGS
 from proxy.errors import ProxyError
 from proxy.keys import Keys, Limits
 from proxy.metrics import Metrics
-from proxy.store import REDIS, RedisGuard, hash_tag
-from proxy.types import Handler, Sleep, Stage
-from proxy.usage import spent
+from proxy.outcome import Outcome
+from proxy.store import REDIS, RedisGuard, Shared, hash_tag
+from proxy.types import Clock, Handler, Sleep, Stage
 
 HEADER_KINDS = ("requests", "tokens")
 
@@ -157,9 +157,7 @@ class MemoryBuckets:
 
     name = "memory"
 
-    def __init__(
-        self, clock: Callable[[], float] = time.monotonic, max_buckets: int = MAX_BUCKETS
-    ) -> None:
+    def __init__(self, clock: Clock = time.monotonic, max_buckets: int = MAX_BUCKETS) -> None:
         self.clock = clock
         self.max_buckets = max_buckets
         self.state: dict[str, list[float]] = {}  # name -> [level, updated_at]
@@ -260,22 +258,19 @@ return out
 SETTLE_EVERY_S = 1.0  # Redis: settlements not carried by a take within this are sent alone
 
 
-class RedisBuckets:
+class RedisBuckets(Shared[MemoryBuckets]):
     """Buckets in Redis, shared by every replica; in memory while Redis is unavailable.
 
     A settlement is not a round trip of its own: it is carried by the next take of the same
     bucket (one script call per request), or sent with the others within ``SETTLE_EVERY_S``."""
 
     name = "redis"
+    operation = "ratelimit"
 
-    def __init__(self, guard: RedisGuard, fallback: MemoryBuckets) -> None:
-        self.guard = guard
-        self.fallback = fallback
-        self.script = guard.client.register_script(TAKE_LUA)
-        self.cluster = guard.cluster  # one script call per hash slot (a key's, a model's)
+    def __init__(self, guard: RedisGuard, local: MemoryBuckets) -> None:
+        super().__init__(guard, local, TAKE_LUA)
         self.pending: dict[str, tuple[Bucket, float]] = {}  # settlements not yet in Redis
         self._timer: asyncio.TimerHandle | None = None
-        self.flushing = Background()
 
     async def _run(
         self, client: Redis, buckets: Sequence[Bucket], carried: list[float], force: bool
@@ -283,6 +278,7 @@ class RedisBuckets:
         args: list[Any] = [1 if force else 0]
         for b, adjust in zip(buckets, carried, strict=True):
             args += (b.capacity, b.rate / 1000, b.cost, adjust)
+        assert self.script is not None
         out = await self.script(keys=[b.name for b in buckets], args=args, client=client)
         levels = tuple(float(v) for v in out[2:])
         return Verdict(bool(int(out[0])), int(out[1]) / 1000, levels)
@@ -314,29 +310,28 @@ class RedisBuckets:
                 free = [Bucket(b.name, b.scope, b.kind, b.capacity, b.rate, 0.0) for b in back]
                 await self._run(client, free, [-b.cost for b in back], True)
             for later in list(groups.values())[n + 1 :]:  # not sent: their settlements wait
-                self._keep([(buckets[i], carried[i]) for i in later])
+                self.keep([(buckets[i], carried[i]) for i in later])
             return Verdict(False, verdict.wait_s, tuple(levels))
         return Verdict(True, 0.0, tuple(levels))
 
     async def take(self, buckets: Sequence[Bucket]) -> Verdict:
         carried = [self.pending.pop(b.name, (b, 0.0))[1] for b in buckets]
         run = self._run_slots if self.cluster else self._run
-        verdict = await self.guard.call(
-            "ratelimit", lambda c: run(c, buckets, carried, False), None
-        )
+        verdict = await self.call(lambda c: run(c, buckets, carried, False), None)
         if verdict is None:  # Redis unavailable: local buckets (the guard has said so)
-            self._keep(list(zip(buckets, carried, strict=True)))
-            return self.fallback.take_now(buckets)
+            self.keep(list(zip(buckets, carried, strict=True)))
+            return self.local.take_now(buckets)
         return verdict
 
     def settle(self, adjustments: Sequence[Bucket]) -> None:
         """Charge (or give back) ``cost`` of each bucket with its next take, or within a second."""
-        self._keep([(b, b.cost) for b in adjustments])
+        self.keep([(b, b.cost) for b in adjustments])
         if self._timer is None and self.pending:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(SETTLE_EVERY_S, self._flush_later)
 
-    def _keep(self, items: list[tuple[Bucket, float]]) -> None:
+    def keep(self, items: list[tuple[Bucket, float]]) -> None:
+        """Settlements to carry with the next take of each bucket (merged per bucket)."""
         for bucket, delta in items:
             if delta:
                 _, before = self.pending.get(bucket.name, (bucket, 0.0))
@@ -344,7 +339,7 @@ class RedisBuckets:
 
     def _flush_later(self) -> None:
         self._timer = None
-        self.flushing.spawn(self.flush())
+        self.tasks.spawn(self.flush())
 
     async def flush(self) -> None:
         """Send every pending settlement now, in one script call."""
@@ -357,15 +352,15 @@ class RedisBuckets:
         buckets = [Bucket(b.name, b.scope, b.kind, b.capacity, b.rate, 0.0) for b, _ in items]
         carried = [delta for _, delta in items]
         run = self._run_slots if self.cluster else self._run
-        done = await self.guard.call("ratelimit", lambda c: run(c, buckets, carried, True), None)
+        done = await self.call(lambda c: run(c, buckets, carried, True), None)
         if done is None:  # Redis unavailable: the local buckets take them
-            self.fallback.settle(
+            self.local.settle(
                 [Bucket(b.name, b.scope, b.kind, b.capacity, b.rate, d) for b, d in items]
             )
 
     async def drain(self) -> None:
         await self.flush()
-        await self.flushing.drain()
+        await self.tasks.drain()
 
 
 # -- the stage -----------------------------------------------------------------------------------
@@ -386,7 +381,7 @@ class RateLimitStage(Stage):
         metrics: Metrics,
         *,
         shared_upstream_key: bool = False,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.settings = settings
@@ -396,78 +391,59 @@ class RateLimitStage(Stage):
         self.shared_upstream_key = shared_upstream_key  # upstream limits are the proxy's own key
         self.clock = clock
         self.sleep = sleep
-        self.buckets: Buckets = MemoryBuckets(self.now)
+        self.buckets: Buckets = MemoryBuckets(clock)
         self.queues: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self.held_until: dict[tuple[str | None, str], float] = {}  # adaptive: (key, model)
         # adaptive holding makes clients wait at the proxy, so it works in queue mode only
         self.adaptive = settings.adaptive and settings.mode == "queue"
         self.enabled = keys.any_rate_limit or any(m.rpm or m.tpm for m in model_limits)
+        self.active = self.enabled or self.adaptive  # neither: not in the chain
         self.guard: RedisGuard | None = None  # adaptive holds shared by the fleet, with Redis
         self.holds_shared = Background()
 
-    def now(self) -> float:
-        return self.clock()
-
-    async def startup(self, app: web.Application) -> None:
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        """Buckets (and adaptive holds) shared in Redis when one is configured; on the way out,
+        the settlements still waiting for Redis, and the holds being shared, are sent."""
         guard = app[REDIS]
         if guard is not None and self.enabled:
-            self.buckets = RedisBuckets(guard, MemoryBuckets(self.now))
+            self.buckets = RedisBuckets(guard, MemoryBuckets(self.clock))
         if guard is not None and self.adaptive:
             self.guard = guard
-
-    async def shutdown(self, app: web.Application) -> None:
-        """Send the settlements still waiting for Redis (and the holds being shared)."""
+        yield
         await self.buckets.drain()
         await self.holds_shared.drain()
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         ctx = context_of(request)
-        if ctx is None or (not self.enabled and not self.adaptive):
+        if ctx is None:
             return await handler(request)
-        if not ctx.optimised:
-            if ctx.media is None or not self.enabled:
+        text = ctx.optimised
+        if text:
+            if ctx.model is None or ctx.unreadable is not None:
+                # what cannot be read cannot be charged: refused for a rate-limited key, else sent
+                if self.enabled and self.keys.limits(ctx.who).rate_limited:
+                    ctx.unreadable = ctx.unreadable or "model"  # no model: nothing to charge
+                    raise unreadable_error(ctx, "a rate limit")
                 return await handler(request)
-            return await self._media(request, handler, ctx)
-        if ctx.model is None or ctx.unreadable is not None:
-            # what cannot be read cannot be charged: refused for a rate-limited key, else sent
-            if self.enabled and self.keys.limits(ctx.who).rate_limited:
-                ctx.unreadable = ctx.unreadable or "model"  # no model: nothing to charge
-                raise unreadable_error(ctx, "a rate limit")
+            if self.guard is not None:
+                await self._shared_hold(ctx)
+        elif ctx.media is None or not self.enabled:
             return await handler(request)
-        charge: BucketCharge | None = None
+        # images and audio: one request against the request rates; tokens only as the answer
+        # reports them, settled afterwards
+        tokens = self._tokens(ctx) if text else 0
         limits = self.keys.limits(ctx.who)
         verdict: Verdict | None = None
-        if self.guard is not None:
-            await self._shared_hold(ctx)
-        if self.enabled:
-            tokens = self._tokens(ctx)
-            buckets = self._buckets(ctx, limits, tokens)
-            if buckets:
-                charge = BucketCharge(buckets, tokens)
-                verdict = await self._acquire(ctx, buckets, limits)
-                ctx.settlers.append(lambda c: self._settle(c, charge))
-        elif self.adaptive:
+        buckets = self._buckets(ctx, limits, tokens) if self.enabled else []
+        if buckets:
+            charge = BucketCharge(buckets, tokens)
+            verdict = await self._acquire(ctx, buckets, limits)
+            ctx.settlers.append(lambda outcome: self._settle(outcome, charge))
+        elif text and self.adaptive and not self.enabled:
             await self._wait_for_upstream(ctx, limits)
         resp = await handler(request)
-        if self.adaptive:
+        if text and self.adaptive:
             self._observe(ctx, resp)
-        if self.settings.expose_headers and verdict is not None and charge is not None:
-            self._headers(resp.headers, charge.buckets, verdict.levels, limits)
-        return resp
-
-    async def _media(
-        self, request: web.Request, handler: Handler, ctx: RequestContext
-    ) -> web.StreamResponse:
-        """Images and audio: one request against the key's (and a known model's) request rate;
-        tokens only as the answer reports them, settled afterwards."""
-        limits = self.keys.limits(ctx.who)
-        buckets = self._buckets(ctx, limits, 0)
-        verdict: Verdict | None = None
-        if buckets:
-            charge = BucketCharge(buckets, 0)
-            verdict = await self._acquire(ctx, buckets, limits)
-            ctx.settlers.append(lambda c: self._settle(c, charge))
-        resp = await handler(request)
         if self.settings.expose_headers and verdict is not None:
             self._headers(resp.headers, buckets, verdict.levels, limits)
         return resp
@@ -542,7 +518,7 @@ class RateLimitStage(Stage):
         queue.append(me)
         if queue[0] is me:
             me.set_result(None)
-        started = self.now()
+        started = self.clock()
         deadline = started + self.settings.max_wait_s
         self._count("queued")
         try:
@@ -551,11 +527,11 @@ class RateLimitStage(Stage):
                 hold = self._hold_left(ctx)
                 verdict = await self.buckets.take(buckets) if hold <= 0 else None
                 if verdict is not None and verdict.ok:
-                    ctx.rate_limited_ms = round((self.now() - started) * 1000, 3)
+                    ctx.rate_limited_ms = round((self.clock() - started) * 1000, 3)
                     return verdict
                 wait = verdict.wait_s if verdict is not None else hold
-                if self.now() + wait > deadline:
-                    ctx.rate_limited_ms = round((self.now() - started) * 1000, 3)
+                if self.clock() + wait > deadline:
+                    ctx.rate_limited_ms = round((self.clock() - started) * 1000, 3)
                     self._reject(buckets, verdict, wait, limits)
                 await self.sleep(min(wait, 1.0))  # re-checked at least every second
         finally:
@@ -613,9 +589,9 @@ class RateLimitStage(Stage):
             headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(level)))
             headers[f"x-ratelimit-reset-{kind}"] = format_duration((b.capacity - level) / b.rate)
 
-    def _settle(self, ctx: RequestContext, charge: BucketCharge) -> None:
+    def _settle(self, outcome: Outcome, charge: BucketCharge) -> None:
         """Settle the token buckets to the usage the upstream reported (nothing for a failure)."""
-        fields = spent(ctx)
+        fields = outcome.spent
         if fields is None:
             return  # no usage known: the estimate stands
         delta = (fields["total_tokens"] or 0) - charge.tokens
@@ -643,7 +619,7 @@ class RateLimitStage(Stage):
         until = self.held_until.get(scope)
         if until is None:
             return 0.0
-        left = until - self.now()
+        left = until - self.clock()
         if left <= 0:
             self.held_until.pop(scope, None)
             return 0.0
@@ -658,10 +634,10 @@ class RateLimitStage(Stage):
         if hold > self.settings.max_wait_s:
             self._reject([], None, hold, limits)
         self._count("queued")
-        started = self.now()
+        started = self.clock()
         while (hold := self._hold_left(ctx)) > 0:
             await self.sleep(min(hold, 1.0))
-        ctx.rate_limited_ms = round((self.now() - started) * 1000, 3)
+        ctx.rate_limited_ms = round((self.clock() - started) * 1000, 3)
 
     def _observe(self, ctx: RequestContext, resp: web.StreamResponse) -> None:
         """Hold this model back when the upstream says its limits are (nearly) spent."""
@@ -681,7 +657,7 @@ class RateLimitStage(Stage):
         if hold > 0:
             self._count("upstream_hold")
             scope = self._scope(ctx)
-            now = self.now()
+            now = self.clock()
             if len(self.held_until) >= MAX_HOLDS and scope not in self.held_until:
                 self.held_until = {k: v for k, v in self.held_until.items() if v > now}
                 while len(self.held_until) >= MAX_HOLDS:  # the ones ending soonest go first
@@ -710,7 +686,7 @@ class RateLimitStage(Stage):
         assert self.guard is not None
         left_ms = await self.guard.call("ratelimit_hold", lambda c: c.pttl(name), -2)
         if isinstance(left_ms, int) and left_ms > 0:
-            until = self.now() + left_ms / 1000
+            until = self.clock() + left_ms / 1000
             self.held_until[scope] = max(self.held_until.get(scope, 0.0), until)
 
 

@@ -25,11 +25,11 @@ from tenacity import AsyncRetrying, RetryCallState
 
 from proxy.config import RetrySettings
 from proxy.context import RequestContext, context_of
+from proxy.decoding import decoded
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnavailable
 from proxy.metrics import Metrics
 from proxy.types import Handler, Sleep, Stage
 from proxy.upstream import Reply
-from proxy.usage import decoded
 
 log = structlog.get_logger("thriftgate.retry")
 
@@ -76,6 +76,7 @@ class RetryStage(Stage):
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self.settings = settings
+        self.active = settings.enabled
         self.metrics = metrics
         self.sleep = sleep
         self.clock = clock

@@ -191,7 +191,9 @@ async def serve(
 ) -> int:
     """Run ``app`` until SIGTERM/SIGINT; the exit status (0, or 2 when the port is taken).
     ``stop_noted``: signals ``catch_stop_signals`` noted before this started."""
-    from proxy.app import CACHE, CONTEXT, STATE
+    from proxy.admin import STATE
+    from proxy.app import CONTEXT
+    from proxy.cache import CACHE
     from proxy.store import REDIS
 
     loop = asyncio.get_running_loop()

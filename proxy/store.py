@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
 import structlog
@@ -33,9 +33,10 @@ from redis.exceptions import (
     ResponseError,
 )
 
+from proxy.background import Background
 from proxy.config import RedisSettings, sentinel_parts
 from proxy.metrics import Metrics
-from proxy.types import METRICS, SETTINGS
+from proxy.types import Part
 
 log = structlog.get_logger("thriftgate.redis")
 
@@ -247,17 +248,55 @@ def _sentinel(client: Any) -> bool:
 REDIS: web.AppKey[RedisGuard | None] = web.AppKey("redis")
 
 
-async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open the Redis client when a URL is configured and probe it (a Redis that is down at
-    start-up is a degraded state, not a failure), close it on shutdown."""
-    settings = app[SETTINGS].redis
-    if settings.url is None:
-        app[REDIS] = None
+L = TypeVar("L")
+
+
+class Shared(Generic[L]):
+    """Base of the stores kept in Redis and shared by every replica (cache entries, budget
+    counters, rate-limit buckets), each with an in-process store of its own kind beside it
+    (``local``): used while Redis is unavailable, and by the cache as its hot tier. Every call
+    goes through the guard (an outage is said once, in the logs and ``/readyz``, and the call
+    returns its default); a read-modify-write is one Lua script, registered once; work sent in
+    the background (stores, settlements) is finished by ``drain`` before Redis closes."""
+
+    operation = "redis"  # how the guard names this store's calls in logs and metrics
+
+    def __init__(self, guard: RedisGuard, local: L, script: str | None = None) -> None:
+        self.guard = guard
+        self.local = local
+        self.cluster = guard.cluster  # scripts run once per hash slot of their keys
+        self.script = guard.client.register_script(script) if script else None  # EVALSHA
+        self.tasks = Background()
+
+    async def call(
+        self, fn: Callable[[aioredis.Redis], Awaitable[T]], default: T, operation: str = ""
+    ) -> T:
+        return await self.guard.call(operation or self.operation, fn, default)
+
+    async def drain(self) -> None:
+        await self.tasks.drain()
+
+
+class RedisConnection(Part):
+    """Opens the Redis client when a URL is configured and probes it (a Redis that is down at
+    start-up is a degraded state, not a failure), closes it at the end. ``app[REDIS]`` is the
+    guard every shared store calls through, or None without Redis."""
+
+    def __init__(
+        self, settings: RedisSettings, metrics: Metrics, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock  # when to try Redis again after an outage
+
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        if self.settings.url is None:
+            app[REDIS] = None
+            yield
+            return
+        client = await connect(self.settings)
+        guard = RedisGuard(client, self.settings, self.metrics, self.clock)
+        app[REDIS] = guard
+        await guard.probe()  # down now: degraded (and said so) before the port is bound
         yield
-        return
-    client = await connect(settings)
-    guard = RedisGuard(client, settings, app[METRICS])
-    app[REDIS] = guard
-    await guard.probe()  # down now: degraded (and said so) before the port is bound
-    yield
-    await close_client(client)
+        await close_client(client)

@@ -16,16 +16,18 @@ import hashlib
 import json
 import math
 import tomllib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import tiktoken
 import tiktoken.model
+from aiohttp import web
 
 from proxy.config import ModelInfo, parse_models
 from proxy.endpoints import RESPONSES
-from proxy.types import PrefixTable
+from proxy.types import Part, PrefixTable
 
 ENDOFTEXT = "<|endoftext|>"
 FIM_PREFIX = "<|fim_prefix|>"
@@ -102,6 +104,15 @@ def preload_encodings() -> None:
     """Load every shipped encoding now (each is cached for the life of the process)."""
     for name in _ENCODINGS:
         encoding(name)
+
+
+class Encodings(Part):
+    """The tiktoken encodings, loaded (off the event loop) before the port is bound: the first
+    request is not the one that waits for them."""
+
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        await asyncio.to_thread(preload_encodings)
+        yield
 
 
 # -- counting ------------------------------------------------------------------------------------

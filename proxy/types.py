@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from aiohttp import web
@@ -21,12 +21,24 @@ SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 
 
-class Stage:
-    """Base of the configurable middlewares: config in ``__init__``, work in ``__call__``.
+class Part:
+    """Something the app starts and stops: ``lifespan`` is registered in ``app.cleanup_ctx``, so
+    its first half runs at start-up in the order the parts are listed in ``create_app`` and its
+    second half at clean-up in reverse order (after the requests in flight have ended)."""
+
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        yield
+
+
+class Stage(Part):
+    """Base of the configurable middlewares: config in ``__init__``, work in ``__call__``, its
+    tasks and connections in ``lifespan``. A stage whose configuration leaves it nothing to do sets
+    ``active`` to False and is left out of the chain (a layer costs every request a little).
 
     The base passes every request through unchanged."""
 
     __middleware_version__ = 1  # aiohttp's marker for new-style middlewares
+    active = True
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)

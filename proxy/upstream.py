@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import structlog
@@ -66,7 +66,7 @@ def end_to_end(
 
 
 @dataclass(slots=True)
-class Outcome:
+class Delivery:
     """How a reply's body ended: ``error`` is None when it was delivered whole."""
 
     error: str | None
@@ -75,11 +75,14 @@ class Outcome:
 
 
 Observer = Callable[[bytes], None]
-DoneCallback = Callable[[Outcome], None]
+DoneCallback = Callable[[Delivery], None]
 
 
 class Transform(Protocol):
     """Rewrites a streamed body on its way to the client (observers see the rewritten bytes)."""
+
+    # usage the transform took out of the body (the client did not ask for it), else None
+    usage: dict[str, Any] | None
 
     def feed(self, chunk: bytes) -> bytes: ...
 
@@ -151,7 +154,7 @@ class Reply(web.StreamResponse):
         try:
             return await super().prepare(request)
         except BaseException:
-            self._finish(Outcome("client_disconnected", 0, None))
+            self._finish(Delivery("client_disconnected", 0, None))
             raise
 
     async def write_eof(self, data: bytes = b"") -> None:
@@ -189,10 +192,10 @@ class Reply(web.StreamResponse):
                     sent += len(rest)
                 await super().write_eof(rest + data)
         except asyncio.CancelledError:
-            self._finish(Outcome("client_disconnected", sent, first))
+            self._finish(Delivery("client_disconnected", sent, first))
             raise
         except ConnectionError:
-            self._finish(Outcome("client_disconnected", sent, first))
+            self._finish(Delivery("client_disconnected", sent, first))
             raise
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The upstream failed mid-body: end the client's connection without a clean end of
@@ -201,13 +204,13 @@ class Reply(web.StreamResponse):
                 "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_disconnected"
             )
             log.warning("upstream_body_failed", reason=reason, bytes_sent=sent, error=repr(exc))
-            self._finish(Outcome(reason, sent, first))
+            self._finish(Delivery(reason, sent, first))
             if self._request is not None and self._request.transport is not None:
                 self._request.transport.close()
             return
-        self._finish(Outcome(None, sent, first))
+        self._finish(Delivery(None, sent, first))
 
-    def _finish(self, outcome: Outcome) -> None:
+    def _finish(self, delivery: Delivery) -> None:
         if self._done:
             return
         self._done = True
@@ -215,7 +218,7 @@ class Reply(web.StreamResponse):
         callbacks, self.on_done, self.observers = self.on_done, [], []  # no cycles left behind
         for callback in callbacks:
             try:
-                callback(outcome)
+                callback(delivery)
             except Exception:
                 log.exception("reply_callback_failed")
 

@@ -144,6 +144,8 @@ async def make_proxy(upstream: TestServer, proxy_server: Any) -> MakeProxy:
         env: dict[str, str] | None = None,
         retry_sleep: Callable[[float], Awaitable[None]] | None = None,
         ratelimit_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
         **flags: Any,
     ) -> Proxy:
         environ = {"THRIFTGATE_UPSTREAM_URL": str(upstream.make_url("/v1")), **(env or {})}
@@ -157,7 +159,12 @@ async def make_proxy(upstream: TestServer, proxy_server: Any) -> MakeProxy:
                 await retry_sleep(seconds)
 
         app = create_app(
-            settings, usage_stream=sink, retry_sleep=sleep, ratelimit_sleep=ratelimit_sleep
+            settings,
+            usage_stream=sink,
+            retry_sleep=sleep,
+            ratelimit_sleep=ratelimit_sleep,
+            wall_clock=wall_clock,
+            clock=clock,
         )
         server = await proxy_server(app, settings)
         return Proxy(server, app, settings, sink, waits)

@@ -23,11 +23,11 @@ from fake_openai import FakeOpenAI, Fault
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from proxy.app import BUDGET, RATELIMIT
-from proxy.budget import MemoryCounters, RedisCounters, period_of
+from proxy.app import part
+from proxy.budget import BudgetStage, MemoryCounters, RedisCounters, period_of
 from proxy.config import RedisSettings
 from proxy.metrics import Metrics
-from proxy.ratelimit import Bucket, MemoryBuckets
+from proxy.ratelimit import Bucket, MemoryBuckets, RateLimitStage
 from proxy.store import REDIS, RedisGuard, open_client
 
 CHAT = "/v1/chat/completions"
@@ -50,10 +50,10 @@ async def post(
 
 
 def tokens_spent(proxy: Proxy) -> int:
-    stage = proxy.app[BUDGET]
+    stage = part(proxy.app, BudgetStage)
     label, _ = period_of(stage.clock(), "day")
     counters = stage.counters
-    memory = counters if isinstance(counters, MemoryCounters) else counters.fallback  # type: ignore[attr-defined]
+    memory = counters if isinstance(counters, MemoryCounters) else counters.local  # type: ignore[attr-defined]
     return memory.value(f"thriftgate:budget:{{{SCOPE}}}:tokens:{label}")
 
 
@@ -286,10 +286,10 @@ async def test_random_keys_and_paths_leave_bounded_state(
                 async with s.get(f"{app.base_url}/files/file-{n}", headers=headers):
                     pass
             sizes.append(await metrics_lines())
-    limiter = app.app[RATELIMIT]
+    limiter = part(app.app, RateLimitStage)
     assert len(limiter.buckets.state) <= 64  # type: ignore[attr-defined]
     assert len(limiter.held_until) <= 16
-    assert len(app.app[BUDGET].counters.values) <= 64  # type: ignore[attr-defined]
+    assert len(part(app.app, BudgetStage).counters.values) <= 64  # type: ignore[attr-defined]
     assert sizes[1] == sizes[2]  # no new series: models past the cap, paths as families/other
 
 
@@ -302,7 +302,7 @@ async def test_keys_that_do_not_look_like_keys_share_one_anonymous_scope(
             headers = {"Authorization": f"Bearer {junk}"}
             async with s.post(proxy.base_url + "/chat/completions", json=chat(), headers=headers):
                 pass
-    names = set(proxy.app[RATELIMIT].buckets.state)  # type: ignore[attr-defined]
+    names = set(part(proxy.app, RateLimitStage).buckets.state)  # type: ignore[attr-defined]
     assert names == {"thriftgate:rl:{key:-}:requests"}
 
 

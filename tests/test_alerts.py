@@ -14,7 +14,7 @@ from conftest import LogSink, MakeProxy, Proxy, free_port
 from fake_openai import FakeOpenAI, Fault
 
 from proxy.alerts import Alerts
-from proxy.app import ALERTS
+from proxy.app import part
 from proxy.config import AlertSettings
 
 
@@ -61,15 +61,15 @@ async def test_spend_alert_fires_once_per_cooldown_and_reaches_the_webhook(
     server: TestServer = await aiohttp_server(hook.app())
     cfg = tmp_path / "a.toml"
     cfg.write_text("[alerts]\nspend_usd_per_hour = 0.0000001\ncooldown_s = 600\n")
+    clock = Clock()
     proxy = await make_proxy(
         env={
             "THRIFTGATE_CONFIG": str(cfg),
             "THRIFTGATE_ALERT_WEBHOOK": str(server.make_url("/hook")),
-        }
+        },
+        wall_clock=clock,
     )
-    alerts = proxy.app[ALERTS]
-    clock = Clock()
-    alerts.clock = clock
+    alerts = part(proxy.app, Alerts)
     before = len(app_logs.lines())
     for i in range(3):
         assert await post(proxy, f"spend {i}") == 200
@@ -98,7 +98,7 @@ async def test_a_dead_webhook_never_affects_traffic(
     before = len(app_logs.lines())
     statuses = [await post(proxy, f"m{i}") for i in range(5)]
     assert statuses == [200] * 5
-    alerts = proxy.app[ALERTS]
+    alerts = part(proxy.app, Alerts)
     await asyncio.wait_for(alerts.tasks.drain(), 10)
     failures = [r for r in app_logs.lines()[before:] if r["event"] == "alert_webhook_failed"]
     assert len(failures) == 1 and "secret-path" not in str(failures[0])  # the URL is not logged
@@ -108,7 +108,7 @@ async def test_budget_warning_then_refused_then_spent(
     make_proxy: MakeProxy, fake: FakeOpenAI
 ) -> None:
     proxy = await make_proxy(env={"THRIFTGATE_TOKENS_PER_DAY": "2500"})
-    alerts = proxy.app[ALERTS]
+    alerts = part(proxy.app, Alerts)
     long = "word " * 1100  # ~1100 prompt tokens + 1024 reserved for the answer: 85% of 2500
     assert await post(proxy, long) == 200
     assert [a["alert"] for a in alerts.sent] == ["budget_warning"]
@@ -127,7 +127,7 @@ async def test_budget_spent_fires_when_the_budget_is_used_up(
     make_proxy: MakeProxy, fake: FakeOpenAI
 ) -> None:
     proxy = await make_proxy(env={"THRIFTGATE_TOKENS_PER_DAY": "20"})
-    alerts = proxy.app[ALERTS]
+    alerts = part(proxy.app, Alerts)
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
     statuses = []
     for i in range(3):  # each reserves 9 tokens and is settled to the fake's 10
@@ -148,7 +148,7 @@ async def test_upstream_error_rate(make_proxy: MakeProxy, fake: FakeOpenAI, tmp_
     cfg = tmp_path / "a.toml"
     cfg.write_text("[alerts]\nerror_rate = 0.5\nmin_requests = 4\n")
     proxy = await make_proxy(env={"THRIFTGATE_CONFIG": str(cfg)})
-    alerts = proxy.app[ALERTS]
+    alerts = part(proxy.app, Alerts)
     fake.fail_next(*[Fault(status=503)] * 3)
     statuses = [await post(proxy, f"m{i}", **{"x-thriftgate-max-retries": "0"}) for i in range(4)]
     assert statuses == [503, 503, 503, 200]
@@ -172,7 +172,6 @@ def test_window_rules_and_key_spend() -> None:
     assert [a["alert"] for a in alerts.sent] == ["cache_hit_rate"]
     clock.now += 61  # the window has moved on: the old requests no longer count
     alerts.observe({"status": 200, "cache": "hit"})
-    assert alerts._cacheable == 1
     alerts.observe({"status": 200, "key": "abc", "cost_usd": 0.6})
     alerts.observe({"status": 200, "key_alias": "ci", "key": "def", "cost_usd": 0.6})
     alerts.observe({"status": 200, "key": "abc", "cost_usd": 0.6})

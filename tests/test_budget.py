@@ -18,8 +18,8 @@ from conftest import AUTH_NO_STORE as AUTH
 from fake_openai import FakeOpenAI, Fault
 
 from proxy import tokens
-from proxy.app import BUDGET
-from proxy.budget import MemoryCounters, RedisCounters, period_of
+from proxy.app import part
+from proxy.budget import BudgetStage, MemoryCounters, RedisCounters, period_of
 from proxy.config import ConfigError, ModelInfo, load_settings
 from proxy.keys import fingerprint
 from proxy.tokens import Catalogue
@@ -160,7 +160,7 @@ def reservation(body: dict[str, Any]) -> int:
 
 
 def spent(proxy: Proxy, unit: str = "tokens", period: str = "day", key: str = SCOPE) -> int:
-    stage = proxy.app[BUDGET]
+    stage = part(proxy.app, BudgetStage)
     label, _ = period_of(stage.clock(), period)
     counters = stage.counters
     assert isinstance(counters, MemoryCounters)
@@ -214,11 +214,11 @@ async def test_budget_resets_at_the_utc_day_and_month(
     body = chat("gpt-4o", 20, max_tokens=50)
     per_request = reservation(body)
     limit = str(per_request + 10)
-    proxy = await make_proxy(
-        env={"THRIFTGATE_TOKENS_PER_DAY": limit, "THRIFTGATE_TOKENS_PER_MONTH": limit}
-    )
     now = [calendar.timegm((2026, 11, 30, 23, 59, 0))]
-    proxy.app[BUDGET].clock = lambda: now[0]
+    proxy = await make_proxy(
+        env={"THRIFTGATE_TOKENS_PER_DAY": limit, "THRIFTGATE_TOKENS_PER_MONTH": limit},
+        wall_clock=lambda: now[0],
+    )
     assert (await post(proxy, body))[0] == 200
     status, _, payload = await post(proxy, body)
     assert status == 429 and "budget per day" in payload["error"]["message"]
@@ -303,7 +303,7 @@ async def test_two_instances_share_a_budget_through_redis(
         proxy = (a, b)[turn % 2]
         status = (await post(proxy, body))[0]
         await proxy.usage.wait(turn // 2 + 1)
-        await proxy.app[BUDGET].counters.drain()  # the settlement has reached Redis
+        await part(proxy.app, BudgetStage).counters.drain()  # the settlement has reached Redis
         if status == 429:
             break
         admitted += 1
@@ -333,9 +333,9 @@ async def test_redis_gone_means_local_accounting(
     assert (await post(proxy, body))[0] == 200  # served, and counted in memory
     assert (await post(proxy, body))[0] == 200
     assert (await post(proxy, body))[0] == 429  # the local count enforces the budget too
-    counters = proxy.app[BUDGET].counters
+    counters = part(proxy.app, BudgetStage).counters
     assert isinstance(counters, RedisCounters)
     label, _ = period_of(time.time(), "day")
-    assert counters.fallback.value(f"thriftgate:budget:{{{SCOPE}}}:tokens:{label}") > 0
+    assert counters.local.value(f"thriftgate:budget:{{{SCOPE}}}:tokens:{label}") > 0
     async with aiohttp.ClientSession() as s, s.get(proxy.url + "/readyz") as r:
         assert (await r.json())["redis"]["status"] == "degraded"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import time
 from typing import Any
 
 import aiohttp
@@ -173,11 +174,10 @@ async def test_cut_stream_is_not_stored(proxy: Proxy, fake: FakeOpenAI) -> None:
     assert fake.calls("/v1/chat/completions") == 2
 
 
-async def test_ttl_expiry_in_memory(proxy: Proxy, fake: FakeOpenAI) -> None:
-    backend = stage_of(proxy).backend
-    assert isinstance(backend, MemoryBackend)
+async def test_ttl_expiry_in_memory(make_proxy: MakeProxy, fake: FakeOpenAI) -> None:
     now = [1_000_000.0]
-    backend.clock = lambda: now[0]
+    proxy = await make_proxy(wall_clock=lambda: now[0])
+    assert isinstance(stage_of(proxy).backend, MemoryBackend)
     await post(proxy, CHAT)
     now[0] += 3599
     assert (await post(proxy, CHAT))[1]["x-thriftgate-cache"] == "HIT"
@@ -377,11 +377,10 @@ async def test_redis_down_then_back(
     redis_url: str,
     app_logs: LogSink,
 ) -> None:
-    proxy = await make_proxy(env={"REDIS_URL": redis_url})
+    now = [0.0]
+    proxy = await make_proxy(env={"REDIS_URL": redis_url}, clock=lambda: now[0])
     guard = proxy.app[REDIS]
     assert guard is not None
-    now = [0.0]
-    guard.clock = lambda: now[0]
     warnings_before = _count(app_logs, "redis_unavailable")
 
     await post(proxy, CHAT)
@@ -432,20 +431,21 @@ async def test_redis_down_at_start_up_is_not_fatal(make_proxy: MakeProxy, fake: 
 async def test_local_copy_in_front_of_redis_keeps_the_entry_expiry(
     make_proxy: MakeProxy, fake: FakeOpenAI, redis_url: str
 ) -> None:
+    now: list[float | None] = [None]  # the real time until the test moves it
     one = await make_proxy(env={"REDIS_URL": redis_url})
-    two = await make_proxy(env={"REDIS_URL": redis_url})
+    two = await make_proxy(env={"REDIS_URL": redis_url}, wall_clock=lambda: now[0] or time.time())
     await post(one, CHAT, {"x-thriftgate-cache-ttl": "100"})
     await stored(one, 1)
     assert (await post(two, CHAT))[1]["x-thriftgate-cache"] == "HIT"  # from Redis...
     backend = stage_of(two).backend
     assert isinstance(backend, RedisBackend) and backend.local is not None
-    entry = await backend.local.get(next(iter(backend.local._entries)))  # ...now kept locally
+    (key,) = backend.local.keys()
+    entry = await backend.local.get(key)  # ...now kept locally
     assert entry is not None and entry.expires_at - entry.stored_at == pytest.approx(100)
-    now = [entry.expires_at - 1]
-    backend.local.clock = lambda: now[0]
+    now[0] = entry.expires_at - 1
     assert (await post(two, CHAT))[1]["x-thriftgate-cache"] == "HIT"
     now[0] += 2  # past the answer's own expiry, the local copy is not served
-    assert await backend.local.get(next(iter(backend.local._entries), "")) is None
+    assert await backend.local.get(key) is None
 
 
 async def _redis_keys(url: str) -> list[bytes]:

@@ -317,7 +317,7 @@ async def test_settlements_kept_through_an_outage_reach_the_cluster_slot_by_slot
             Charge(counter_name("thriftgate:budget:", f"key-{i}", "tokens", "d1"), 0, 10 + i, far)
             for i in range(6)
         ]
-        counters._keep(charges)  # as the guard does when Redis did not take them
+        counters.keep(charges)  # as the guard does when Redis did not take them
         await counters.drain()
         assert not counters.unsent
         assert [int(await client.get(c.counter)) for c in charges] == [10 + i for i in range(6)]

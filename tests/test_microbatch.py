@@ -13,8 +13,8 @@ from conftest import API_KEY, MakeProxy, Proxy
 from conftest import AUTH_NO_STORE as AUTH
 from fake_openai import FakeOpenAI, Fault
 
-from proxy.app import MICROBATCH
-from proxy.microbatch import flatten, shares
+from proxy.app import part
+from proxy.microbatch import EmbeddingsBatcher, flatten, shares
 
 ON = {"THRIFTGATE_EMBEDDINGS_MICROBATCH": "1", "THRIFTGATE_MICROBATCH_WINDOW_MS": "50"}
 
@@ -66,7 +66,7 @@ async def test_concurrent_requests_make_far_fewer_upstream_calls(
     records = await proxy.usage.wait(30)
     merged = [r for r in records if "microbatch" in r]
     assert merged and all(r["microbatch"]["merged_requests"] > 1 for r in merged)
-    assert proxy.app[MICROBATCH].merged_requests == len(merged)
+    assert part(proxy.app, EmbeddingsBatcher).merged_requests == len(merged)
 
 
 async def test_each_client_keeps_its_order_and_format(

@@ -108,10 +108,9 @@ async def test_breaker_opens_and_lets_a_probe_through_after_the_cooldown(
         target(str(upstream2.make_url("/v1")), "steady"),
         extra="[upstream]\nbreaker_failures = 2\nbreaker_cooldown_s = 30\n",
     )
-    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": cfg})
-    pool = proxy.app[_pool_key()]
     now = [1000.0]
-    pool.clock = lambda: now[0]
+    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": cfg}, clock=lambda: now[0])
+    pool = proxy.app[_pool_key()]
     fake.fail_next(*[Fault(status=500)] * 100)  # "flaky" is down
     flaky = pool.targets[0]
     for _ in range(100):  # picks are random (weighted): until "flaky" has failed twice
@@ -219,6 +218,6 @@ async def test_unreachable_upstream_is_failed_over(
 
 
 def _pool_key() -> Any:
-    from proxy.app import POOL
+    from proxy.forward import POOL
 
     return POOL

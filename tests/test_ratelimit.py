@@ -16,7 +16,7 @@ from conftest import AUTH_NO_STORE as AUTH
 from fake_openai import FakeOpenAI
 
 from proxy import tokens
-from proxy.app import RATELIMIT
+from proxy.app import part
 from proxy.keys import fingerprint
 from proxy.ratelimit import (
     Bucket,
@@ -50,13 +50,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def frozen(proxy: Proxy) -> tuple[RateLimitStage, Clock]:
-    stage = proxy.app[RATELIMIT]
-    clock = Clock()
-    stage.clock = clock
-    return stage, clock
 
 
 async def until(condition: Callable[[], bool], within: float = 5) -> None:
@@ -102,8 +95,8 @@ def test_memory_bucket_arithmetic() -> None:
 async def test_rpm_60_lets_exactly_60_of_61_through(
     make_proxy: MakeProxy, fake: FakeOpenAI
 ) -> None:
-    proxy = await make_proxy(env={"THRIFTGATE_RPM": "60"})
-    _stage, clock = frozen(proxy)
+    clock = Clock()
+    proxy = await make_proxy(env={"THRIFTGATE_RPM": "60"}, clock=clock)
     results = await asyncio.gather(*(post(proxy, chat(f"m{i}")) for i in range(61)))
     statuses = sorted(status for status, _, _ in results)
     assert statuses == [200] * 60 + [429]
@@ -131,8 +124,8 @@ async def test_the_sdk_retries_after_the_proxys_retry_after(
 ) -> None:
     import openai
 
-    proxy = await make_proxy(env={"THRIFTGATE_RPM": "1"})
-    frozen(proxy)
+    clock = Clock()
+    proxy = await make_proxy(env={"THRIFTGATE_RPM": "1"}, clock=clock)
     async with openai.AsyncOpenAI(
         base_url=proxy.base_url, api_key=API_KEY, max_retries=0
     ) as client:
@@ -146,8 +139,9 @@ async def test_the_sdk_retries_after_the_proxys_retry_after(
 async def test_tpm_charged_by_estimate_and_settled_by_usage(
     make_proxy: MakeProxy, fake: FakeOpenAI
 ) -> None:
-    proxy = await make_proxy(env={"THRIFTGATE_TPM": "5000"})
-    stage, clock = frozen(proxy)
+    clock = Clock()
+    proxy = await make_proxy(env={"THRIFTGATE_TPM": "5000"}, clock=clock)
+    stage = part(proxy.app, RateLimitStage)
     body = chat("count me", max_tokens=100)
     estimate = tokens.count_request("/v1/chat/completions", body).tokens + 100
     bucket = Bucket(f"thriftgate:rl:{{key:{SCOPE}}}:tokens", "key", "tokens", 5000, 5000 / 60, 0)
@@ -178,7 +172,7 @@ async def test_a_request_larger_than_the_bucket_is_refused_at_once(
     assert headers["x-should-retry"] == "false"
     assert payload["error"]["message"].startswith("Request too large for gpt-4o on this API key")
     assert fake.calls() == 0
-    assert proxy.app[RATELIMIT].queues == {}
+    assert part(proxy.app, RateLimitStage).queues == {}
 
 
 async def test_expose_headers_on_success(
@@ -186,8 +180,8 @@ async def test_expose_headers_on_success(
 ) -> None:
     cfg = tmp_path / "rl.toml"
     cfg.write_text("[ratelimit]\nrpm = 100\nrpm_burst = 10\ntpm = 6000\nexpose_headers = true\n")
-    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": str(cfg)})
-    frozen(proxy)
+    clock = Clock()
+    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": str(cfg)}, clock=clock)
     status, headers, _answer = await post(proxy, chat(max_tokens=10))
     assert status == 200
     assert headers["x-ratelimit-limit-requests"] == "10"  # the burst is the capacity
@@ -215,8 +209,11 @@ async def test_queue_mode_serves_in_order(
 
     cfg = tmp_path / "q.toml"
     cfg.write_text('[ratelimit]\nrpm = 60\nrpm_burst = 1\nmode = "queue"\n')
-    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": str(cfg)}, ratelimit_sleep=sleep)
-    stage, clock = frozen(proxy)
+    clock = Clock()
+    proxy = await make_proxy(
+        env={"THRIFTGATE_CONFIG": str(cfg)}, ratelimit_sleep=sleep, clock=clock
+    )
+    stage = part(proxy.app, RateLimitStage)
     assert (await post(proxy, chat("first")))[0] == 200
     tasks = []
     for i in range(4):
@@ -237,6 +234,7 @@ async def test_queue_gives_up_after_max_wait(make_proxy: MakeProxy, fake: FakeOp
     async def sleep(seconds: float) -> None:
         clock.now += seconds
 
+    clock = Clock()
     proxy = await make_proxy(
         env={
             "THRIFTGATE_RPM": "1",
@@ -244,8 +242,8 @@ async def test_queue_gives_up_after_max_wait(make_proxy: MakeProxy, fake: FakeOp
             "THRIFTGATE_RATE_LIMIT_MAX_WAIT_S": "10",
         },
         ratelimit_sleep=sleep,
+        clock=clock,
     )
-    _stage, clock = frozen(proxy)
     assert (await post(proxy, chat()))[0] == 200
     status, headers, _ = await post(proxy, chat("waits"))
     assert status == 429 and headers["retry-after"] == "60"
@@ -264,6 +262,7 @@ async def test_a_waiter_that_disconnects_leaves_and_is_not_charged(
         sleeping.set()
         await never.wait()
 
+    clock = Clock()
     proxy = await make_proxy(
         env={
             "THRIFTGATE_RPM": "1",
@@ -271,8 +270,9 @@ async def test_a_waiter_that_disconnects_leaves_and_is_not_charged(
             "THRIFTGATE_RATE_LIMIT_MAX_WAIT_S": "120",
         },
         ratelimit_sleep=sleep,
+        clock=clock,
     )
-    stage, clock = frozen(proxy)
+    stage = part(proxy.app, RateLimitStage)
     assert (await post(proxy, chat()))[0] == 200
     task = asyncio.create_task(post(proxy, chat("impatient")))
     await asyncio.wait_for(sleeping.wait(), 5)
@@ -296,8 +296,8 @@ async def test_model_limits_are_shared_by_every_key(
 ) -> None:
     cfg = tmp_path / "m.toml"
     cfg.write_text('[model_limits."gpt-4o*"]\nrpm = 2\n')
-    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": str(cfg)})
-    frozen(proxy)
+    clock = Clock()
+    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": str(cfg)}, clock=clock)
     assert (await post(proxy, chat(), key="sk-a-1"))[0] == 200
     assert (await post(proxy, chat(), key="sk-b-2"))[0] == 200
     status, _, payload = await post(proxy, chat(), key="sk-c-3")
@@ -309,8 +309,8 @@ async def test_model_limits_are_shared_by_every_key(
 async def test_per_key_override(make_proxy: MakeProxy, fake: FakeOpenAI, tmp_path: Path) -> None:
     cfg = tmp_path / "k.toml"
     cfg.write_text(f'[ratelimit]\nrpm = 100\n[keys."slow"]\nfingerprint = "{FP}"\nrpm = 1\n')
-    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": str(cfg)})
-    frozen(proxy)
+    clock = Clock()
+    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": str(cfg)}, clock=clock)
     assert (await post(proxy, chat()))[0] == 200
     assert (await post(proxy, chat()))[0] == 429
     assert (await post(proxy, chat(), key="sk-someone-else"))[0] == 200
@@ -352,8 +352,10 @@ async def test_adaptive_hold_queues_when_the_upstream_is_nearly_spent(
     async def sleep(seconds: float) -> None:
         clock.now += seconds
 
-    proxy = await make_proxy(env={"THRIFTGATE_RATE_LIMIT_MODE": "queue"}, ratelimit_sleep=sleep)
-    _stage, clock = frozen(proxy)
+    clock = Clock()
+    proxy = await make_proxy(
+        env={"THRIFTGATE_RATE_LIMIT_MODE": "queue"}, ratelimit_sleep=sleep, clock=clock
+    )
     fake.limit_headers = {
         "x-ratelimit-limit-requests": "500",
         "x-ratelimit-remaining-requests": "3",
@@ -376,7 +378,7 @@ async def test_redis_settlements_ride_on_the_next_take(
     cfg = tmp_path / "t.toml"
     cfg.write_text("[ratelimit]\ntpm = 60\ntpm_burst = 100000\n")  # refills 1 token a second
     proxy = await make_proxy(env={"REDIS_URL": redis_url, "THRIFTGATE_CONFIG": str(cfg)})
-    buckets = proxy.app[RATELIMIT].buckets
+    buckets = part(proxy.app, RateLimitStage).buckets
     assert isinstance(buckets, RedisBuckets)
     calls = 0
     script = buckets.script
@@ -418,10 +420,9 @@ async def test_an_adaptive_hold_is_shared_by_the_fleet(
         clock_b.now += seconds
 
     env = {"REDIS_URL": redis_url, "THRIFTGATE_RATE_LIMIT_MODE": "queue"}
-    a = await make_proxy(env=env, ratelimit_sleep=sleep_a)
-    b = await make_proxy(env=env, ratelimit_sleep=sleep_b)
-    _, clock_a = frozen(a)
-    _, clock_b = frozen(b)
+    clock_a, clock_b = Clock(), Clock()
+    a = await make_proxy(env=env, ratelimit_sleep=sleep_a, clock=clock_a)
+    b = await make_proxy(env=env, ratelimit_sleep=sleep_b, clock=clock_b)
     fake.limit_headers = {
         "x-ratelimit-limit-requests": "500",
         "x-ratelimit-remaining-requests": "2",

@@ -341,8 +341,8 @@ async def test_input_tokens_is_forwarded_and_free_for_a_spent_budget(
 
 
 def test_the_responses_usage_shape_is_priced_with_its_cached_and_reasoning_tokens() -> None:
+    from proxy.outcome import token_fields
     from proxy.pricing import PriceTable
-    from proxy.usage import token_fields
 
     usage = {
         "input_tokens": 1000,

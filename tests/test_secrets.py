@@ -105,7 +105,7 @@ async def test_no_configured_secret_appears_in_any_log_header_metric_or_redis(
             report = await r.json()
     assert report["redis"]["status"] == "ok"  # the password worked...
     assert report["upstreams"][0]["url"].startswith("http://***@")  # ...and is shown redacted
-    await proxy.app.shutdown()  # settlements and the usage stream drained into Redis
+    await proxy.server.close()  # the parts stopped: settlements and usage stream drained
     client = aioredis.Redis.from_url(locked_redis.url)
     try:
         stored = []

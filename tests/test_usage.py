@@ -14,10 +14,11 @@ from conftest import API_KEY, AUTH, LogSink, MakeProxy, Proxy, RedisServer
 from fake_openai import FakeOpenAI, Fault
 
 from proxy import tokens
-from proxy.app import USAGE_LOG
+from proxy.answers import UsageRecorder, UsageStripper
+from proxy.app import part
 from proxy.config import ConfigError, load_settings
 from proxy.keys import bearer_token, fingerprint
-from proxy.usage import UsageRecorder, UsageStripper
+from proxy.usage import UsageLog
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "count me"}]}
 
@@ -170,7 +171,7 @@ async def test_usage_records_also_go_to_a_redis_stream(
                 model="gpt-4o", messages=[{"role": "user", "content": f"stream me {i}"}]
             )
     written = await proxy.usage.wait(3)
-    usage_log = proxy.app[USAGE_LOG]
+    usage_log = part(proxy.app, UsageLog)
     await usage_log.drain()
     client = redis.Redis.from_url(redis_url)
     try:
