@@ -12,9 +12,9 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote
 
 from yarl import URL
@@ -24,46 +24,114 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message says where and why."""
 
 
+# -- the rules a setting's value must follow, written beside its field ---------------------------
+# ``Annotated[int, at_least(1)]``: each check returns what is wrong with a value, or None. Choices
+# are typed literals (``Literal["reject", "queue"]``), checked when the value is read.
+
+Check = Callable[[Any], "str | None"]
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+def at_least(least: int) -> Check:
+    def check(value: int) -> str | None:
+        return None if value >= least else f"must be at least {least}"
+
+    return check
+
+
+def tcp_port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else f"{value} is not a TCP port"
+
+
+def not_empty(value: str) -> str | None:
+    return None if value else "must not be empty"
+
+
+def http_url(value: str) -> str | None:
+    url = URL(value)
+    if url.scheme in {"http", "https"} and url.host:
+        return None
+    return f"{redact_url(value)!r} is not an http(s) URL"
+
+
+def redis_url(value: str) -> str | None:
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in REDIS_SCHEMES:
+        return "must be a redis://, rediss://, unix:// or redis+sentinel:// URL"
+    if scheme.endswith("+sentinel"):
+        try:
+            sentinel_parts(value)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def readable_file(value: str) -> str | None:
+    return None if os.path.isfile(value) else f"{value} is not a readable file"
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+
+Seconds = Annotated[float, positive]  # a time that must pass
+Wait = Annotated[float, not_negative]  # a time that may be zero
+Count = Annotated[int, not_negative]  # a limit or a size (0: none, unless said otherwise)
+Amount = Annotated[float, not_negative]  # USD, a fraction, a rate
+Size = Annotated[int, positive]
+LogFormat = Literal["auto", "console", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_FORMATS: tuple[str, ...] = typing.get_args(LogFormat)
+LOG_LEVELS: tuple[str, ...] = typing.get_args(LogLevel)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
     host: str = "127.0.0.1"  # address to listen on (the Docker image: 0.0.0.0)
-    port: int = 8080  # port to listen on (0: any free port)
-    workers: int = 1  # processes sharing the port (SO_REUSEPORT)
-    shutdown_grace_s: float = 30.0  # on SIGTERM, in-flight requests run on this long
-    max_body_bytes: int = 100 * 1024 * 1024  # a larger request body (decoded) gets 413
+    port: Annotated[int, tcp_port] = 8080  # port to listen on (0: any free port)
+    workers: Annotated[int, at_least(1)] = 1  # processes sharing the port (SO_REUSEPORT)
+    shutdown_grace_s: Wait = 30.0  # on SIGTERM, in-flight requests run on this long
+    max_body_bytes: Size = 100 * 1024 * 1024  # a larger request body (decoded) gets 413
     admin_token: str | None = field(default=None, repr=False)  # protects /metrics when set
     metrics_dir: str | None = None  # workers share their counters here (set by --workers N)
     # the HMAC key of the tenant scope (cache, budgets, limits); every replica sharing a Redis
     # must use the same one. The default is public: set your own so that what is stored in Redis
     # cannot even be checked against a candidate API key.
-    scope_secret: str = field(default="thriftgate-scope-v1", repr=False)
-    header_timeout_s: float = 10.0  # a request's headers must arrive whole within this
-    body_timeout_s: float = 60.0  # ...and its body without a pause longer than this
+    scope_secret: Annotated[str, not_empty] = field(default="thriftgate-scope-v1", repr=False)
+    header_timeout_s: Seconds = 10.0  # a request's headers must arrive whole within this
+    body_timeout_s: Seconds = 60.0  # ...and its body without a pause longer than this
 
 
 @dataclass(frozen=True, slots=True)
 class LogSettings:
     """The operational log on stderr (the usage log is separate: ``[usage]``)."""
 
-    format: str = "auto"  # auto: console on a terminal, JSON otherwise | console | json
-    level: str = "info"  # debug | info | warning | error
-
-
-LOG_FORMATS = ("auto", "console", "json")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+    format: LogFormat = "auto"  # auto: console on a terminal, JSON otherwise | console | json
+    level: LogLevel = "info"  # debug | info | warning | error
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
-    url: str = "https://api.openai.com/v1"  # the OpenAI-compatible base URL, ending in /v1
+    url: Annotated[str, http_url] = (
+        "https://api.openai.com/v1"  # the OpenAI-compatible base URL, ending in /v1
+    )
     # sent upstream instead of the client's key (a sidecar)
     api_key: str | None = field(default=None, repr=False)
-    connect_timeout_s: float = 10.0  # to open a connection
-    first_byte_timeout_s: float = 600.0  # from the request sent to the answer's status and headers
-    total_timeout_s: float = 1800.0  # a whole answer, stream included
-    idle_timeout_s: float = 300.0  # streams: the longest silence between two chunks
-    max_connections: int = 0  # 0: unlimited
-    breaker_failures: int = 5  # consecutive failures that take an upstream out of the rotation
+    connect_timeout_s: Seconds = 10.0  # to open a connection
+    first_byte_timeout_s: Seconds = (
+        600.0  # from the request sent to the answer's status and headers
+    )
+    total_timeout_s: Seconds = 1800.0  # a whole answer, stream included
+    idle_timeout_s: Seconds = 300.0  # streams: the longest silence between two chunks
+    max_connections: Count = 0  # 0: unlimited
+    breaker_failures: Annotated[int, at_least(1)] = (
+        5  # consecutive failures that take an upstream out of the rotation
+    )
     breaker_cooldown_s: float = 30.0  # ...for this long; then one probe request is let through
 
 
@@ -92,30 +160,38 @@ class RedisSettings:
     users. Shared by every replica: cache, budgets, rate limits, alerts, the usage stream."""
 
     # redis://, rediss:// (TLS), unix://, or redis+sentinel://host:26379,host2:26379/service/db
-    url: str | None = field(default=None, repr=False)
+    url: Annotated[str | None, redis_url] = field(default=None, repr=False)
     # auto: a Redis Cluster node is recognised at start | standalone | cluster | sentinel
-    mode: str = "auto"
+    mode: Literal["auto", "standalone", "cluster", "sentinel"] = "auto"
     username: str | None = None  # an ACL user (default: the URL's, else "default")
     password: str | None = field(default=None, repr=False)  # default: the URL's
     sentinel_password: str | None = field(default=None, repr=False)  # the sentinels' own
-    ca_file: str | None = None  # rediss://: the CA that signed the server's certificate
-    cert_file: str | None = None  # rediss:// with client certificates: this client's...
-    key_file: str | None = None  # ...and its key
-    timeout_s: float = 0.25  # one operation; past it the operation is skipped, never the request
-    retry_after_s: float = 1.0  # after a failure Redis is left alone this long, then tried again
+    ca_file: Annotated[str | None, readable_file] = (
+        None  # rediss://: the CA that signed the server's certificate
+    )
+    cert_file: Annotated[str | None, readable_file] = (
+        None  # rediss:// with client certificates: this client's...
+    )
+    key_file: Annotated[str | None, readable_file] = None  # ...and its key
+    timeout_s: Seconds = 0.25  # one operation; past it the operation is skipped, never the request
+    retry_after_s: Seconds = 1.0  # after a failure Redis is left alone this long, then tried again
     # budgets while Redis is unreachable: local (per-process counters) | closed (refuse, 503)
-    on_failure: str = "local"
+    on_failure: Literal["local", "closed"] = "local"
 
 
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
     enabled: bool = True  # the exact-match response cache
-    backend: str = "auto"  # auto (redis when a Redis URL is set, else memory) | memory | redis
-    ttl_s: float = 3600.0  # how long an answer is served again
-    scope: str = "key"  # key: per API key + organization + project | shared: across keys
-    max_bytes: int = 256 * 1024 * 1024  # memory backend: total size of the stored answers
-    max_entry_bytes: int = 8 * 1024 * 1024  # a larger answer is passed through, not stored
-    local_max_bytes: int = 64 * 1024 * 1024  # with Redis: in-process copy of hot answers (0: off)
+    backend: Literal["auto", "memory", "redis"] = (
+        "auto"  # auto (redis when a Redis URL is set, else memory) | memory | redis
+    )
+    ttl_s: Seconds = 3600.0  # how long an answer is served again
+    scope: Literal["key", "shared"] = (
+        "key"  # key: per API key + organization + project | shared: across keys
+    )
+    max_bytes: Size = 256 * 1024 * 1024  # memory backend: total size of the stored answers
+    max_entry_bytes: Size = 8 * 1024 * 1024  # a larger answer is passed through, not stored
+    local_max_bytes: Count = 64 * 1024 * 1024  # with Redis: in-process copy of hot answers (0: off)
     exclude_models: tuple[str, ...] = ()  # names or shell patterns ("gpt-4o-audio*")
     only_temperature_zero: bool = False  # cache chat and completions only at temperature 0
     redis_prefix: str = "thriftgate:cache:"  # Redis key prefix of cached answers
@@ -125,11 +201,13 @@ class CacheSettings:
 @dataclass(frozen=True, slots=True)
 class RetrySettings:
     enabled: bool = True  # retry transient upstream failures
-    max_attempts: int = 3  # per request: x-thriftgate-max-retries (retries, so attempts - 1)
-    initial_wait_s: float = 0.5  # full jitter: a random wait up to initial * 2^(n-1)...
-    max_wait_s: float = 8.0  # ...and never more than this
-    retry_after_cap_s: float = 30.0  # the upstream's retry-after is honoured up to this
-    deadline_s: float = 300.0  # no retry starts (or waits) past this, counted from the first try
+    max_attempts: Annotated[int, at_least(1)] = (
+        3  # per request: x-thriftgate-max-retries (retries, so attempts - 1)
+    )
+    initial_wait_s: Wait = 0.5  # full jitter: a random wait up to initial * 2^(n-1)...
+    max_wait_s: Wait = 8.0  # ...and never more than this
+    retry_after_cap_s: Wait = 30.0  # the upstream's retry-after is honoured up to this
+    deadline_s: Wait = 300.0  # no retry starts (or waits) past this, counted from the first try
     tell_client_not_to_retry: bool = True  # x-should-retry: false on a final failure
 
 
@@ -137,11 +215,11 @@ class RetrySettings:
 class BudgetSettings:
     """Per-key spending limits (0: unlimited); ``[keys."..."]`` tables override them per key."""
 
-    tokens_per_day: int = 0  # every key's token budget per UTC day (0: none)
-    tokens_per_month: int = 0  # ...per UTC month
-    usd_per_day: float = 0.0  # every key's USD budget per UTC day (0: none)
-    usd_per_month: float = 0.0  # ...per UTC month
-    output_reserve_tokens: int = 1024  # reserved for the answer of a request that sets no limit
+    tokens_per_day: Count = 0  # every key's token budget per UTC day (0: none)
+    tokens_per_month: Count = 0  # ...per UTC month
+    usd_per_day: Amount = 0.0  # every key's USD budget per UTC day (0: none)
+    usd_per_month: Amount = 0.0  # ...per UTC month
+    output_reserve_tokens: Count = 1024  # reserved for the answer of a request that sets no limit
     redis_prefix: str = "thriftgate:budget:"  # Redis key prefix of budget counters
 
 
@@ -150,10 +228,12 @@ class OptimizeSettings:
     """Opt-in changes to requests (both change what is sent upstream)."""
 
     dynamic_max_tokens: bool = False  # set an output limit on chat requests that have none
-    max_tokens_cap: int = 4096  # ...min(this, the context window left, the model's output limit)
+    max_tokens_cap: Count = 4096  # ...min(this, the context window left, the model's output limit)
     trim: bool = False  # history trimming for every chat request (per request: x-thriftgate-trim)
-    trim_keep: int = 10  # the most recent messages kept (system/developer messages always are)
-    trim_threshold_tokens: int = 0  # trim only prompts larger than this
+    trim_keep: Annotated[int, at_least(1)] = (
+        10  # the most recent messages kept (system/developer messages always are)
+    )
+    trim_threshold_tokens: Count = 0  # trim only prompts larger than this
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,16 +241,16 @@ class RateLimitSettings:
     """Token buckets per key (0: unlimited); overrides in ``[keys."..."]``, globals per model in
     ``[model_limits."pattern"]``."""
 
-    rpm: int = 0  # requests per minute, the refill rate...
-    rpm_burst: int = 0  # ...and the bucket's capacity (0: one minute's worth)
-    tpm: int = 0  # tokens per minute
-    tpm_burst: int = 0  # the token bucket's capacity (0: one minute's worth)
-    mode: str = "reject"  # reject | queue
-    max_wait_s: float = 30.0  # queue mode: the longest a request waits for room
-    default_output_tokens: int = 1024  # charged for the answer of a request that sets no limit
+    rpm: Count = 0  # requests per minute, the refill rate...
+    rpm_burst: Count = 0  # ...and the bucket's capacity (0: one minute's worth)
+    tpm: Count = 0  # tokens per minute
+    tpm_burst: Count = 0  # the token bucket's capacity (0: one minute's worth)
+    mode: Literal["reject", "queue"] = "reject"  # reject | queue
+    max_wait_s: Wait = 30.0  # queue mode: the longest a request waits for room
+    default_output_tokens: Count = 1024  # charged for the answer of a request that sets no limit
     expose_headers: bool = False  # x-ratelimit-* of the proxy's own buckets on successful answers
     adaptive: bool = True  # hold requests back when the upstream says its limits are nearly spent
-    adaptive_min_remaining: float = 0.02  # ...below this fraction of the upstream's limit
+    adaptive_min_remaining: Amount = 0.02  # ...below this fraction of the upstream's limit
     redis_prefix: str = "thriftgate:rl:"  # Redis key prefix of the buckets
 
 
@@ -178,18 +258,20 @@ class RateLimitSettings:
 class AlertSettings:
     """Alert rules (0: off); a rule fires once per ``cooldown_s`` per scope."""
 
-    webhook_url: str | None = field(default=None, repr=False)  # POST {"text": ...} (Slack-style)
-    webhook_timeout_s: float = 5.0  # a webhook POST gives up after this
-    cooldown_s: float = 3600.0  # an alert fires at most once per rule and scope in this time
-    spend_usd_per_hour: float = 0.0  # everything spent in the current UTC hour
-    spend_usd_per_day: float = 0.0  # ...in the current UTC day
-    key_spend_usd_per_hour: float = 0.0  # any one key, in the current UTC hour
-    key_spend_usd_per_day: float = 0.0  # ...in the current UTC day
-    budget_warn_fraction: float = 0.8  # a key's budget this far used (and when it is spent)
-    error_rate: float = 0.0  # share of requests failing upstream (5xx) within window_s
-    cache_hit_rate_below: float = 0.0  # hit rate of cacheable requests within window_s
-    window_s: float = 300.0  # the window of the error-rate and hit-rate rules
-    min_requests: int = 20  # the window rules need this many requests first
+    webhook_url: Annotated[str | None, http_url] = field(
+        default=None, repr=False
+    )  # POST {"text": ...} (Slack-style)
+    webhook_timeout_s: Seconds = 5.0  # a webhook POST gives up after this
+    cooldown_s: Wait = 3600.0  # an alert fires at most once per rule and scope in this time
+    spend_usd_per_hour: Amount = 0.0  # everything spent in the current UTC hour
+    spend_usd_per_day: Amount = 0.0  # ...in the current UTC day
+    key_spend_usd_per_hour: Amount = 0.0  # any one key, in the current UTC hour
+    key_spend_usd_per_day: Amount = 0.0  # ...in the current UTC day
+    budget_warn_fraction: Amount = 0.8  # a key's budget this far used (and when it is spent)
+    error_rate: Amount = 0.0  # share of requests failing upstream (5xx) within window_s
+    cache_hit_rate_below: Amount = 0.0  # hit rate of cacheable requests within window_s
+    window_s: Seconds = 300.0  # the window of the error-rate and hit-rate rules
+    min_requests: Count = 20  # the window rules need this many requests first
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,9 +279,9 @@ class MicrobatchSettings:
     """Embeddings micro-batching in the proxy (opt-in: merged answers are re-serialised)."""
 
     embeddings: bool = False  # merge concurrent embeddings requests (opt-in)
-    window_ms: float = 5.0  # requests arriving this soon after the first are merged with it
-    max_inputs: int = 2048  # OpenAI's limit of inputs per embeddings request
-    max_tokens: int = 300_000  # ...and of tokens summed over them
+    window_ms: Wait = 5.0  # requests arriving this soon after the first are merged with it
+    max_inputs: Size = 2048  # OpenAI's limit of inputs per embeddings request
+    max_tokens: Size = 300_000  # ...and of tokens summed over them
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +291,7 @@ class BatchSettings:
     base_url: str = "http://127.0.0.1:8080/v1"  # thriftgate itself by default
     # the key thriftgate batch sends (OPENAI_API_KEY)
     api_key: str | None = field(default=None, repr=False)
-    concurrency: int = 16  # --via proxy: requests in flight at once
+    concurrency: Annotated[int, at_least(1)] = 16  # --via proxy: requests in flight at once
     poll_initial_s: float = 5.0  # --via api: the first wait between polls of the batch...
     poll_max_s: float = 60.0  # ...growing 1.5x up to this
 
@@ -437,6 +519,11 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"{where}: a value is required")
+    if typing.get_origin(annotation) is Literal:  # one of a few words
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
+        return value
     if typing.get_origin(annotation) is tuple:  # a list of strings: TOML array or "a,b,c"
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
@@ -467,10 +554,6 @@ def _coerce(where: str, value: Any, annotation: Any) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {value!r} is not a valid {annotation.__name__}") from None
     raise ConfigError(f"{where}: unsupported setting type {annotation!r}")
-
-
-REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
-REDIS_MODES = ("auto", "standalone", "cluster", "sentinel")
 
 
 @dataclass(frozen=True, slots=True)
@@ -748,100 +831,21 @@ def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
     def fail(section: str, key: str, why: str) -> None:
         raise ConfigError(f"{where.get((section, key), f'{section}.{key}')}: {why}")
 
-    if not 0 <= s.server.port <= 65535:
-        fail("server", "port", f"{s.server.port} is not a TCP port")
-    if s.server.workers < 1:
-        fail("server", "workers", "must be at least 1")
-    if s.server.max_body_bytes < 1:
-        fail("server", "max_body_bytes", "must be positive")
-    if s.server.shutdown_grace_s < 0:
-        fail("server", "shutdown_grace_s", "must not be negative")
-    for key in ("header_timeout_s", "body_timeout_s"):
-        if getattr(s.server, key) <= 0:
-            fail("server", key, "must be positive")
-    if not s.server.scope_secret:
-        fail("server", "scope_secret", "must not be empty")
-    if s.log.format not in LOG_FORMATS:
-        fail("log", "format", f"{s.log.format!r} is not one of {', '.join(LOG_FORMATS)}")
-    if s.log.level not in LOG_LEVELS:
-        fail("log", "level", f"{s.log.level!r} is not one of {', '.join(LOG_LEVELS)}")
-    url = URL(s.upstream.url)
-    if url.scheme not in {"http", "https"} or not url.host:
-        fail("upstream", "url", f"{redact_url(s.upstream.url)!r} is not an http(s) URL")
-    for key in ("connect_timeout_s", "first_byte_timeout_s", "total_timeout_s", "idle_timeout_s"):
-        if getattr(s.upstream, key) <= 0:
-            fail("upstream", key, "must be positive")
-    if s.upstream.breaker_failures < 1:
-        fail("upstream", "breaker_failures", "must be at least 1")
+    for section, cls in _SECTIONS.items():  # each field's own rules (``Annotated``)
+        values = getattr(s, section)
+        for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+            value = getattr(values, name)
+            for check in getattr(hint, "__metadata__", ()):
+                problem = check(value) if value is not None else None
+                if problem:
+                    fail(section, name, problem)
+    # the rules that involve more than one setting
     names = [t.name for t in s.upstreams]
     if len(set(names)) != len(names):
         raise ConfigError(f"{s.config_file}: upstreams need distinct names: {names}")
-    if s.upstream.max_connections < 0:
-        fail("upstream", "max_connections", "must not be negative")
-    if s.redis.url is not None:
-        scheme = s.redis.url.split("://", 1)[0] if "://" in s.redis.url else ""
-        if scheme not in REDIS_SCHEMES:
-            fail(
-                "redis",
-                "url",
-                "must be a redis://, rediss://, unix:// or redis+sentinel:// URL",
-            )
-        if scheme.endswith("+sentinel"):
-            try:
-                sentinel_parts(s.redis.url)
-            except ValueError as exc:
-                fail("redis", "url", str(exc))
-    if s.redis.mode not in REDIS_MODES:
-        fail("redis", "mode", f"{s.redis.mode!r} is not one of {', '.join(REDIS_MODES)}")
     if s.redis.mode == "sentinel" and s.redis.url and "+sentinel://" not in s.redis.url:
         fail("redis", "mode", "sentinel needs a redis+sentinel:// URL")
-    for key in ("ca_file", "cert_file", "key_file"):
-        path = getattr(s.redis, key)
-        if path is not None and not os.path.isfile(path):
-            fail("redis", key, f"{path} is not a readable file")
-    for key in ("timeout_s", "retry_after_s"):
-        if getattr(s.redis, key) <= 0:
-            fail("redis", key, "must be positive")
-    if s.redis.on_failure not in {"local", "closed"}:
-        fail("redis", "on_failure", f"{s.redis.on_failure!r} is not one of local, closed")
-    if s.cache.backend not in {"auto", "memory", "redis"}:
-        fail("cache", "backend", f"{s.cache.backend!r} is not one of auto, memory, redis")
     if s.cache.backend == "redis" and s.redis.url is None:
         fail("cache", "backend", "redis needs a Redis URL (REDIS_URL or redis.url)")
-    if s.cache.scope not in {"key", "shared"}:
-        fail("cache", "scope", f"{s.cache.scope!r} is not one of key, shared")
-    if s.cache.ttl_s <= 0:
-        fail("cache", "ttl_s", "must be positive")
-    if s.retry.max_attempts < 1:
-        fail("retry", "max_attempts", "must be at least 1")
-    for key in ("initial_wait_s", "max_wait_s", "retry_after_cap_s", "deadline_s"):
-        if getattr(s.retry, key) < 0:
-            fail("retry", key, "must not be negative")
-    if s.cache.local_max_bytes < 0:
-        fail("cache", "local_max_bytes", "must not be negative")
-    if s.cache.max_bytes < 1 or s.cache.max_entry_bytes < 1:
-        fail("cache", "max_bytes", "sizes must be positive")
-    if s.microbatch.max_inputs < 1 or s.microbatch.max_tokens < 1:
-        fail("microbatch", "max_inputs", "limits must be positive")
-    if s.microbatch.window_ms < 0:
-        fail("microbatch", "window_ms", "must not be negative")
-    if s.batch.concurrency < 1:
-        fail("batch", "concurrency", "must be at least 1")
-    for section in ("budget", "optimize", "ratelimit", "alerts"):
-        for f in dataclasses.fields(_SECTIONS[section]):
-            value = getattr(getattr(s, section), f.name)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-                fail(section, f.name, "must not be negative")
-    if s.optimize.trim_keep < 1:
-        fail("optimize", "trim_keep", "must be at least 1")
-    if s.alerts.webhook_url is not None and URL(s.alerts.webhook_url).scheme not in {
-        "http",
-        "https",
-    }:
-        fail("alerts", "webhook_url", "must be an http(s) URL")
-    if s.alerts.window_s <= 0 or s.alerts.webhook_timeout_s <= 0:
-        fail("alerts", "window_s", "times must be positive")
     if s.usage.redis_stream and s.redis.url is None:
         fail("usage", "redis_stream", "needs a Redis URL (REDIS_URL or redis.url)")
-    if s.ratelimit.mode not in {"reject", "queue"}:
-        fail("ratelimit", "mode", f"{s.ratelimit.mode!r} is not one of reject, queue")

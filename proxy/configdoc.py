@@ -59,6 +59,8 @@ def _comments(cls: type) -> dict[str, str]:
 
 
 def _type(annotation: typing.Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is tuple:
         return "table" if args and typing.get_origin(args[0]) is tuple else "list of strings"

@@ -12,22 +12,32 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from fake_openai import FakeOpenAI
+from multidict import CIMultiDict
 from redis_fleet import free_port, server_args
 from yarl import URL
 
 from proxy.app import create_app
 from proxy.config import Settings, load_settings
+from proxy.context import RequestContextStage
+from proxy.errors import ErrorStage
 from proxy.keys import Keys
 from proxy.logs import configure_logging
+from proxy.pricing import PriceTable
 from proxy.server import ProxyRunner, runner_for
+from proxy.store import REDIS
+from proxy.types import SETTINGS
+from proxy.upstream import Reply
+from proxy.usage import UsageLog
 
 API_KEY = "sk-test-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+NO_STORE = {"Cache-Control": "no-store"}  # past the cache, to the stage under test
 AUTH_NO_STORE = {**AUTH, "Cache-Control": "no-store"}  # past the cache: every call goes upstream
 AUTH_JSON = {**AUTH, "Content-Type": "application/json"}
 
@@ -67,6 +77,7 @@ class Proxy:
     settings: Settings
     usage: UsageSink
     waits: list[float]  # the retry stage's sleeps: recorded, never slept
+    client: aiohttp.ClientSession  # the tests' client (closed with the proxy)
 
     @property
     def url(self) -> str:
@@ -75,6 +86,51 @@ class Proxy:
     @property
     def base_url(self) -> str:
         return self.url + "/v1"
+
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the proxy answered. Unpacks as ``status, headers, data``: ``data`` is the parsed
+    body of a JSON answer, else its bytes (``raw``)."""
+
+    status: int
+    headers: Any
+    raw: bytes
+
+    @property
+    def data(self) -> Any:
+        if "json" in self.headers.get("Content-Type", "") and not self.headers.get(
+            "Content-Encoding"
+        ):
+            return orjson.loads(self.raw)
+        return self.raw
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.status, self.headers, self.data))
+
+    def __getitem__(self, index: int) -> Any:
+        return tuple(self)[index]
+
+
+async def post(
+    proxy: Proxy,
+    body: Any,
+    path: str = CHAT_PATH,
+    headers: dict[str, str] | None = None,
+    *,
+    key: str = API_KEY,
+) -> Answer:
+    """The tests' one way to POST to the proxy: ``body`` as JSON (bytes: as they are), with
+    ``key`` as the bearer token; ``headers`` added (or replacing those)."""
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    sent = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    async with proxy.client.post(
+        proxy.url + path, data=data, headers={**sent, **(headers or {})}
+    ) as r:
+        return Answer(r.status, r.headers, await r.read())
 
 
 class LogSink(io.BytesIO):
@@ -139,7 +195,9 @@ async def proxy_server() -> AsyncIterator[
 
 
 @pytest.fixture
-async def make_proxy(upstream: TestServer, proxy_server: Any) -> MakeProxy:
+async def make_proxy(upstream: TestServer, proxy_server: Any) -> AsyncIterator[MakeProxy]:
+    clients: list[aiohttp.ClientSession] = []
+
     async def make(
         env: dict[str, str] | None = None,
         retry_sleep: Callable[[float], Awaitable[None]] | None = None,
@@ -167,7 +225,75 @@ async def make_proxy(upstream: TestServer, proxy_server: Any) -> MakeProxy:
             clock=clock,
         )
         server = await proxy_server(app, settings)
-        return Proxy(server, app, settings, sink, waits)
+        # a connection per request, as an SDK client of its own would open
+        client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True),
+            auto_decompress=False,  # the bytes the proxy sent
+            skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept"),
+        )
+        clients.append(client)
+        return Proxy(server, app, settings, sink, waits, client)
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+async def stub_handler(request: web.Request) -> web.StreamResponse:
+    """Where the upstream would be: a fixed chat answer with usage, counted in the app."""
+    request.app[STUB_CALLS].append(request.path)
+    body = orjson.dumps(
+        {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion",
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
+        }
+    )
+    headers = CIMultiDict({"Content-Type": "application/json"})
+    return Reply(status=200, reason="OK", headers=headers, body=body)
+
+
+STUB_CALLS: web.AppKey[list[str]] = web.AppKey("stub_calls", list)
+
+
+@dataclass
+class StageApp:
+    """One stage (with the request context before it) around ``stub_handler``."""
+
+    client: Any  # aiohttp's TestClient
+    usage: UsageSink
+
+    @property
+    def calls(self) -> list[str]:
+        return self.client.app[STUB_CALLS]
+
+    async def post(self, body: Any, headers: dict[str, str] | None = None) -> Answer:
+        sent = {**AUTH, "Content-Type": "application/json", **(headers or {})}
+        async with self.client.post(CHAT_PATH, data=orjson.dumps(body), headers=sent) as r:
+            return Answer(r.status, r.headers, await r.read())
+
+
+@pytest.fixture
+async def stage_app(aiohttp_client: Any) -> Callable[..., Awaitable[StageApp]]:
+    """``await stage_app(settings, *stages)``: the stages alone (their lifespans run as in the
+    proxy), behind the error and request-context stages, in front of ``stub_handler``."""
+
+    async def make(settings: Settings, *stages: Any) -> StageApp:
+        sink = UsageSink()
+        usage_log = UsageLog(sink)
+        context = RequestContextStage(
+            usage_log, Keys(settings), settings.server, PriceTable(settings.prices)
+        )
+        app = web.Application(middlewares=[ErrorStage(), context, *stages])
+        app[SETTINGS] = settings
+        app[REDIS] = None
+        app[STUB_CALLS] = []
+        for stage in stages:
+            app.cleanup_ctx.append(stage.lifespan)
+        app.router.add_post(CHAT_PATH, stub_handler)
+        return StageApp(await aiohttp_client(app), sink)
 
     return make
 

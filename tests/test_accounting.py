@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import API_KEY, AUTH, MakeProxy, Proxy, RedisServer, free_port, scope_of
+from conftest import API_KEY, AUTH, MakeProxy, Proxy, RedisServer, free_port, post, scope_of
 from fake_openai import FakeOpenAI, Fault
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -37,16 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def chat(text: str = "hello there", **extra: Any) -> dict[str, Any]:
     return {"model": "gpt-4o", "messages": [{"role": "user", "content": text}], **extra}
-
-
-async def post(
-    proxy: Proxy, body: dict[str, Any], path: str = CHAT, headers: dict[str, str] | None = None
-) -> tuple[int, Any, bytes]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(proxy.url + path, json=body, headers={**AUTH, **(headers or {})}) as r,
-    ):
-        return r.status, r.headers, await r.read()
 
 
 def tokens_spent(proxy: Proxy) -> int:
@@ -119,7 +109,7 @@ async def test_closed_mode_refuses_budgeted_requests_while_redis_is_down(
     redis_server.kill()
     status, headers, raw = await post(closed, chat("again"))
     assert status == 503 and headers["retry-after"] == "1"
-    assert orjson.loads(raw)["error"]["code"] == "service_unavailable"
+    assert raw["error"]["code"] == "service_unavailable"
     assert (await post(local, chat("again")))[0] == 200  # local: served, counted in memory
     unbudgeted = await make_proxy(
         env={"REDIS_URL": redis_url, "THRIFTGATE_REDIS_ON_FAILURE": "closed"}
@@ -215,19 +205,19 @@ async def test_paid_endpoints_are_charged_after_the_fact_and_refused_once_spent(
     body = {"model": "gpt-4o", "input": "hi " * 40, "max_output_tokens": 16}
     status, _, raw = await post(proxy, body, "/v1/responses")
     assert status == 200
-    used = orjson.loads(raw)["usage"]["total_tokens"]
+    used = raw["usage"]["total_tokens"]
     assert tokens_spent(proxy) == used
     status, _, raw = await post(
         proxy, {"model": "gpt-image-1", "prompt": "a cat"}, "/v1/images/generations"
     )
     assert status == 200
-    used += orjson.loads(raw)["usage"]["total_tokens"]
+    used += raw["usage"]["total_tokens"]
     assert tokens_spent(proxy) == used > 1100
     status, headers, raw = await post(
         proxy, {"model": "gpt-image-1", "prompt": "a dog"}, "/v1/images/generations"
     )
     assert status == 429 and headers["x-should-retry"] == "false"
-    assert orjson.loads(raw)["error"]["code"] == "insufficient_quota"
+    assert raw["error"]["code"] == "insufficient_quota"
     assert fake.calls("/v1/images/generations") == 1
     async with aiohttp.ClientSession() as s, s.get(proxy.base_url + "/models", headers=AUTH) as r:
         assert r.status == 200  # reading is free

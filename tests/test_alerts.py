@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import AUTH_NO_STORE as AUTH
-from conftest import LogSink, MakeProxy, Proxy, free_port
+from conftest import NO_STORE, LogSink, MakeProxy, free_port
+from conftest import post as post_to
 from fake_openai import FakeOpenAI, Fault
 
 from proxy.alerts import Alerts
@@ -36,14 +36,11 @@ class Hook:
         return app
 
 
-async def post(proxy: Proxy, text: str = "hi", **headers: str) -> int:
-    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(proxy.url + "/v1/chat/completions", json=body, headers={**AUTH, **headers}) as r,
-    ):
-        await r.read()
-        return r.status
+post = partial(post_to, headers=NO_STORE)  # past the cache
+
+
+def say(text: str) -> dict[str, Any]:
+    return {"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}
 
 
 class Clock:
@@ -72,7 +69,7 @@ async def test_spend_alert_fires_once_per_cooldown_and_reaches_the_webhook(
     alerts = part(proxy.app, Alerts)
     before = len(app_logs.lines())
     for i in range(3):
-        assert await post(proxy, f"spend {i}") == 200
+        assert (await post(proxy, say(f"spend {i}"))).status == 200
     await proxy.usage.wait(3)
     await asyncio.wait_for(hook.arrived.wait(), 5)
     assert [a["alert"] for a in alerts.sent] == ["spend_per_hour"]  # once, not three times
@@ -82,7 +79,7 @@ async def test_spend_alert_fires_once_per_cooldown_and_reaches_the_webhook(
     assert len(events) == 1 and events[0]["alert"] == "spend_per_hour"
     clock.now += 601  # the cool-down is over; same UTC hour, spend still over the threshold
     hook.arrived.clear()
-    assert await post(proxy, "spend again") == 200
+    assert (await post(proxy, say("spend again"))).status == 200
     await proxy.usage.wait(4)
     await asyncio.wait_for(hook.arrived.wait(), 5)
     assert len(alerts.sent) == 2 and len(hook.received) == 2
@@ -96,7 +93,7 @@ async def test_a_dead_webhook_never_affects_traffic(
     dead = f"http://127.0.0.1:{free_port()}/T000/secret-path"  # nothing listens there
     proxy = await make_proxy(env={"THRIFTGATE_CONFIG": str(cfg), "THRIFTGATE_ALERT_WEBHOOK": dead})
     before = len(app_logs.lines())
-    statuses = [await post(proxy, f"m{i}") for i in range(5)]
+    statuses = [(await post(proxy, say(f"m{i}"))).status for i in range(5)]
     assert statuses == [200] * 5
     alerts = part(proxy.app, Alerts)
     await asyncio.wait_for(alerts.tasks.drain(), 10)
@@ -110,16 +107,16 @@ async def test_budget_warning_then_refused_then_spent(
     proxy = await make_proxy(env={"THRIFTGATE_TOKENS_PER_DAY": "2500"})
     alerts = part(proxy.app, Alerts)
     long = "word " * 1100  # ~1100 prompt tokens + 1024 reserved for the answer: 85% of 2500
-    assert await post(proxy, long) == 200
+    assert (await post(proxy, say(long))).status == 200
     assert [a["alert"] for a in alerts.sent] == ["budget_warning"]
     assert alerts.sent[0]["fraction"] >= 0.8
     await proxy.usage.wait(1)
     # settled to the answer's usage (about 1,400 tokens): the next estimate does not fit what is
     # left, but the budget is not spent, and the alert says so
-    assert await post(proxy, long) == 429
+    assert (await post(proxy, say(long))).status == 429
     assert [a["alert"] for a in alerts.sent] == ["budget_warning", "budget_refused"]
     assert 0.5 < alerts.sent[1]["fraction"] < 1
-    assert await post(proxy, long) == 429
+    assert (await post(proxy, say(long))).status == 429
     assert len(alerts.sent) == 2  # cooled down: not again
 
 
@@ -131,12 +128,9 @@ async def test_budget_spent_fires_when_the_budget_is_used_up(
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
     statuses = []
     for i in range(3):  # each reserves 9 tokens and is settled to the fake's 10
-        async with (
-            aiohttp.ClientSession() as s,
-            s.post(proxy.url + "/v1/chat/completions", json=body, headers=AUTH) as r,
-        ):
-            statuses.append(r.status)
-            message = (await r.json()).get("error", {}).get("message", "")
+        answer = await post(proxy, body)
+        statuses.append(answer.status)
+        message = answer.data.get("error", {}).get("message", "")
         await proxy.usage.wait(i + 1)
     assert statuses == [200, 200, 429]
     assert "is spent (20 of 20 tokens used, 0 left" in message
@@ -150,7 +144,12 @@ async def test_upstream_error_rate(make_proxy: MakeProxy, fake: FakeOpenAI, tmp_
     proxy = await make_proxy(env={"THRIFTGATE_CONFIG": str(cfg)})
     alerts = part(proxy.app, Alerts)
     fake.fail_next(*[Fault(status=503)] * 3)
-    statuses = [await post(proxy, f"m{i}", **{"x-thriftgate-max-retries": "0"}) for i in range(4)]
+    statuses = [
+        (
+            await post(proxy, say(f"m{i}"), headers={**NO_STORE, "x-thriftgate-max-retries": "0"})
+        ).status
+        for i in range(4)
+    ]
     assert statuses == [503, 503, 503, 200]
     await proxy.usage.wait(4)
     assert [a["alert"] for a in alerts.sent] == ["upstream_error_rate"]

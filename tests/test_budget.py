@@ -5,39 +5,33 @@ from __future__ import annotations
 import asyncio
 import calendar
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
-import orjson
 import pytest
 import redis.asyncio as redis
-from conftest import API_KEY, MakeProxy, Proxy, RedisServer, scope_of
+from conftest import API_KEY, NO_STORE, MakeProxy, Proxy, RedisServer, scope_of
 from conftest import AUTH_NO_STORE as AUTH
+from conftest import post as post_to
 from fake_openai import FakeOpenAI, Fault
 
 from proxy import tokens
+from proxy.admission import AdmissionStage
 from proxy.app import part
 from proxy.budget import BudgetStage, MemoryCounters, RedisCounters, period_of
 from proxy.config import ConfigError, ModelInfo, load_settings
-from proxy.keys import fingerprint
+from proxy.keys import Keys, fingerprint
+from proxy.metrics import Metrics
+from proxy.pricing import PriceTable
 from proxy.tokens import Catalogue
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def post(
-    proxy: Proxy,
-    body: dict[str, Any],
-    path: str = "/v1/chat/completions",
-    headers: dict[str, str] | None = None,
-) -> Any:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(proxy.url + path, json=body, headers=headers or AUTH) as r,
-    ):
-        return r.status, r.headers, orjson.loads(await r.read())
+post = partial(post_to, headers=NO_STORE)  # past the cache
 
 
 def chat(model: str, words: int, **extra: Any) -> dict[str, Any]:
@@ -339,3 +333,20 @@ async def test_redis_gone_means_local_accounting(
     assert counters.local.value(f"thriftgate:budget:{{{SCOPE}}}:tokens:{label}") > 0
     async with aiohttp.ClientSession() as s, s.get(proxy.url + "/readyz") as r:
         assert (await r.json())["redis"]["status"] == "degraded"
+
+
+async def test_the_stage_alone_settles_to_the_answers_usage_by_its_clock(
+    stage_app: Any,
+) -> None:
+    """Admission and budget stages on their own, around a stub handler that always reports 12
+    tokens: each call is settled to them, and the day's budget resets by the injected clock."""
+    settings = load_settings({}, env={"THRIFTGATE_TOKENS_PER_DAY": "30"})
+    now = [calendar.timegm((2026, 11, 30, 23, 0, 0))]
+    keys, prices = Keys(settings), PriceTable(settings.prices)
+    budget = BudgetStage(keys, prices, settings.budget, Metrics(), clock=lambda: now[0])
+    app = await stage_app(settings, AdmissionStage(Catalogue(settings.models)), budget)
+    small = chat("gpt-4o-mini", 1, max_tokens=2)  # reserves about 10, settled to 12
+    assert [(await app.post(small)).status for _ in range(3)] == [200, 200, 429]
+    assert len(app.calls) == 2
+    now[0] += 3600  # the next UTC day
+    assert (await app.post(small)).status == 200

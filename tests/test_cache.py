@@ -9,13 +9,13 @@ from typing import Any
 
 import aiohttp
 import openai
-import orjson
 import pytest
 import redis.asyncio as aioredis
-from conftest import API_KEY, AUTH, LogSink, MakeProxy, Proxy, RedisServer
+from conftest import API_KEY, AUTH, LogSink, MakeProxy, Proxy, RedisServer, post
 from fake_openai import FakeOpenAI, Fault
 
-from proxy.cache import CacheStage, Entry, MemoryBackend, RedisBackend, cache_key
+from proxy.cache import CACHE_HEADER, CacheStage, Entry, MemoryBackend, RedisBackend, cache_key
+from proxy.config import load_settings
 from proxy.metrics import Metrics
 from proxy.store import REDIS
 
@@ -46,24 +46,6 @@ def metric(proxy: Proxy, name: str, **labels: str) -> float:
     return value or 0.0
 
 
-async def post(
-    proxy: Proxy,
-    body: Any,
-    headers: dict[str, str] | None = None,
-    path: str = "/v1/chat/completions",
-) -> tuple[int, Any, bytes]:
-    data = body if isinstance(body, bytes) else orjson.dumps(body)
-    async with (
-        aiohttp.ClientSession(auto_decompress=False, skip_auto_headers=BARE) as s,
-        s.post(
-            proxy.url + path,
-            data=data,
-            headers={**AUTH, "Content-Type": "application/json", **(headers or {})},
-        ) as r,
-    ):
-        return r.status, r.headers, await r.read()
-
-
 async def test_second_identical_request_is_a_hit(proxy: Proxy, fake: FakeOpenAI) -> None:
     status1, headers1, body1 = await post(proxy, CHAT)
     status2, headers2, body2 = await post(proxy, CHAT)
@@ -78,9 +60,7 @@ async def test_second_identical_request_is_a_hit(proxy: Proxy, fake: FakeOpenAI)
     assert fake.calls("/v1/chat/completions") == 1
     miss, hit = await proxy.usage.wait(2)
     assert (miss["cache"], hit["cache"]) == ("miss", "hit")
-    assert (
-        hit["total_tokens"] == miss["total_tokens"] == orjson.loads(body1)["usage"]["total_tokens"]
-    )
+    assert hit["total_tokens"] == miss["total_tokens"] == body1["usage"]["total_tokens"]
     assert metric(proxy, "thriftgate_cache_events_total", event="hit") == 1
 
 
@@ -103,14 +83,14 @@ async def test_scope_is_the_key_unless_shared(make_proxy: MakeProxy, fake: FakeO
     proxy = await make_proxy()
     await post(proxy, CHAT)
     other = {"Authorization": "Bearer sk-another-tenant"}
-    assert (await post(proxy, CHAT, other))[1]["x-thriftgate-cache"] == "MISS"
+    assert (await post(proxy, CHAT, headers=other))[1]["x-thriftgate-cache"] == "MISS"
     project = {"OpenAI-Project": "proj_other"}
-    assert (await post(proxy, CHAT, project))[1]["x-thriftgate-cache"] == "MISS"
+    assert (await post(proxy, CHAT, headers=project))[1]["x-thriftgate-cache"] == "MISS"
     assert fake.calls("/v1/chat/completions") == 3
 
     shared = await make_proxy(env={"THRIFTGATE_CACHE_SCOPE": "shared"})
     await post(shared, CHAT)
-    assert (await post(shared, CHAT, other))[1]["x-thriftgate-cache"] == "HIT"
+    assert (await post(shared, CHAT, headers=other))[1]["x-thriftgate-cache"] == "HIT"
     assert fake.calls("/v1/chat/completions") == 4
 
 
@@ -151,7 +131,7 @@ async def test_cached_stream_replays_identically_to_the_sdk(proxy: Proxy, fake: 
 )
 async def test_failed_answers_are_not_stored(proxy: Proxy, fake: FakeOpenAI, fault: Fault) -> None:
     fake.fail_next(fault)
-    status, headers, _ = await post(proxy, CHAT, NO_RETRY)
+    status, headers, _ = await post(proxy, CHAT, headers=NO_RETRY)
     assert status >= 400
     status, headers, _ = await post(proxy, CHAT)
     assert status == 200 and headers["x-thriftgate-cache"] == "MISS"
@@ -184,7 +164,7 @@ async def test_ttl_expiry_in_memory(make_proxy: MakeProxy, fake: FakeOpenAI) -> 
     now[0] += 2  # past the default 3600 s
     assert (await post(proxy, CHAT))[1]["x-thriftgate-cache"] == "MISS"
     # a per-request TTL
-    await post(proxy, {**CHAT, "n": 1}, {"x-thriftgate-cache-ttl": "10"})
+    await post(proxy, {**CHAT, "n": 1}, headers={"x-thriftgate-cache-ttl": "10"})
     now[0] += 9
     assert (await post(proxy, {**CHAT, "n": 1}))[1]["x-thriftgate-cache"] == "HIT"
     now[0] += 2
@@ -193,11 +173,11 @@ async def test_ttl_expiry_in_memory(make_proxy: MakeProxy, fake: FakeOpenAI) -> 
 
 
 async def test_cache_control_no_cache_and_no_store(proxy: Proxy, fake: FakeOpenAI) -> None:
-    _, h, _ = await post(proxy, CHAT, {"Cache-Control": "no-store"})
+    _, h, _ = await post(proxy, CHAT, headers={"Cache-Control": "no-store"})
     assert h["x-thriftgate-cache"] == "BYPASS"
     _, h, _ = await post(proxy, CHAT)
     assert h["x-thriftgate-cache"] == "MISS"  # no-store wrote nothing
-    _, h, fresh = await post(proxy, CHAT, {"Cache-Control": "no-cache"})
+    _, h, fresh = await post(proxy, CHAT, headers={"Cache-Control": "no-cache"})
     assert h["x-thriftgate-cache"] == "MISS"  # skipped the lookup...
     _, h, again = await post(proxy, CHAT)
     assert h["x-thriftgate-cache"] == "HIT"
@@ -208,16 +188,16 @@ async def test_cache_control_no_cache_and_no_store(proxy: Proxy, fake: FakeOpenA
 
 @pytest.mark.parametrize("ttl", ["soon", "-1", "nan", "inf"])
 async def test_bad_ttl_header_is_a_clear_400(proxy: Proxy, fake: FakeOpenAI, ttl: str) -> None:
-    status, _, body = await post(proxy, CHAT, {"x-thriftgate-cache-ttl": ttl})
+    status, _, body = await post(proxy, CHAT, headers={"x-thriftgate-cache-ttl": ttl})
     assert status == 400
-    error = orjson.loads(body)["error"]
+    error = body["error"]
     assert error["code"] == "invalid_cache_ttl"
     assert error["param"] == "x-thriftgate-cache-ttl"
     assert fake.requests == []
 
 
 async def test_ttl_zero_means_do_not_store(proxy: Proxy, fake: FakeOpenAI) -> None:
-    await post(proxy, CHAT, {"x-thriftgate-cache-ttl": "0"})
+    await post(proxy, CHAT, headers={"x-thriftgate-cache-ttl": "0"})
     assert (await post(proxy, CHAT))[1]["x-thriftgate-cache"] == "MISS"
 
 
@@ -234,7 +214,7 @@ async def test_twenty_concurrent_identical_requests_make_one_upstream_call(
         fake.hold.set()
     results = await asyncio.gather(*tasks)
     assert {status for status, _, _ in results} == {200}
-    assert len({body for _, _, body in results}) == 1
+    assert len({answer.raw for answer in results}) == 1
     assert sorted(h["x-thriftgate-cache"] for _, h, _ in results) == ["HIT"] * 19 + ["MISS"]
     assert fake.calls("/v1/chat/completions") == 1
 
@@ -244,7 +224,7 @@ async def test_followers_go_on_their_own_when_the_leader_fails(
 ) -> None:
     fake.hold = asyncio.Event()
     fake.fail_next(Fault(status=500))  # the leader's upstream call fails
-    tasks = [asyncio.create_task(post(proxy, CHAT, NO_RETRY)) for _ in range(5)]
+    tasks = [asyncio.create_task(post(proxy, CHAT, headers=NO_RETRY)) for _ in range(5)]
     try:
         await asyncio.wait_for(fake.held.wait(), 5)
         await coalesced(proxy, 4)
@@ -273,12 +253,12 @@ async def test_memory_bound_is_respected(make_proxy: MakeProxy, fake: FakeOpenAI
 async def test_gzip_answer_is_cached_and_served_to_any_client(
     proxy: Proxy, fake: FakeOpenAI
 ) -> None:
-    _, h1, zipped = await post(proxy, CHAT, {"Accept-Encoding": "gzip"})
+    _, h1, zipped = await post(proxy, CHAT, headers={"Accept-Encoding": "gzip"})
     assert h1["Content-Encoding"] == "gzip"
-    _, h2, plain = await post(proxy, CHAT)
-    assert h2["x-thriftgate-cache"] == "HIT"
-    assert "Content-Encoding" not in h2
-    assert plain == gzip.decompress(zipped)
+    plain = await post(proxy, CHAT)
+    assert plain.headers["x-thriftgate-cache"] == "HIT"
+    assert "Content-Encoding" not in plain.headers
+    assert plain.raw == gzip.decompress(zipped)
 
 
 async def test_embeddings_are_cached_for_the_sdk(proxy: Proxy, fake: FakeOpenAI) -> None:
@@ -434,7 +414,7 @@ async def test_local_copy_in_front_of_redis_keeps_the_entry_expiry(
     now: list[float | None] = [None]  # the real time until the test moves it
     one = await make_proxy(env={"REDIS_URL": redis_url})
     two = await make_proxy(env={"REDIS_URL": redis_url}, wall_clock=lambda: now[0] or time.time())
-    await post(one, CHAT, {"x-thriftgate-cache-ttl": "100"})
+    await post(one, CHAT, headers={"x-thriftgate-cache-ttl": "100"})
     await stored(one, 1)
     assert (await post(two, CHAT))[1]["x-thriftgate-cache"] == "HIT"  # from Redis...
     backend = stage_of(two).backend
@@ -458,3 +438,23 @@ async def _redis_keys(url: str) -> list[bytes]:
 
 def _count(logs: LogSink, event: str) -> int:
     return sum(1 for line in logs.lines() if line.get("event") == event)
+
+
+async def test_the_stage_alone_serves_a_hit_until_its_clock_says_expired(
+    stage_app: Any,
+) -> None:
+    settings = load_settings({}, env={})
+    now = [1_000_000.0]
+    cache = CacheStage(settings.cache, Metrics(), follower_wait_s=5, clock=lambda: now[0])
+    app = await stage_app(settings, cache)
+    first = await app.post(CHAT)
+    assert first.headers[CACHE_HEADER] == "MISS"
+    await app.usage.wait(1)  # delivered: stored
+    hit = await app.post(CHAT)
+    assert hit.headers[CACHE_HEADER] == "HIT" and hit.raw == first.raw
+    assert hit.headers["age"] == "0"
+    now[0] += 3599
+    assert (await app.post(CHAT)).headers["age"] == "3599"
+    now[0] += 2  # past the default TTL
+    assert (await app.post(CHAT)).headers[CACHE_HEADER] == "MISS"
+    assert len(app.calls) == 2

@@ -12,11 +12,10 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from conftest import API_KEY, MakeProxy, Proxy
+from conftest import API_KEY, AUTH, MakeProxy, Proxy, post
 from fake_openai import AUDIO_BYTES_PER_SECOND, FakeOpenAI
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_accounting import AUTH, post
 
 from proxy.media import FormFields, MediaFacts
 
@@ -150,7 +149,7 @@ async def test_an_image_dearer_than_the_budget_is_refused_before_the_call(
     body = {"model": "dall-e-3", "prompt": "x", "size": "1792x1024", "quality": "hd"}
     status, headers, raw = await post(proxy, body, "/v1/images/generations")  # $0.12
     assert status == 429 and headers["x-should-retry"] == "false"
-    assert orjson.loads(raw)["error"]["code"] == "insufficient_quota"
+    assert raw["error"]["code"] == "insufficient_quota"
     assert fake.calls("/v1/images/generations") == 0
     body = {**body, "quality": "standard"}  # $0.08 fits, and spends most of the budget
     assert (await post(proxy, body, "/v1/images/generations"))[0] == 200
@@ -163,7 +162,7 @@ async def test_the_request_rate_covers_images(make_proxy: MakeProxy, fake: FakeO
     body = {"model": "dall-e-2", "prompt": "a cube"}
     assert (await post(proxy, body, "/v1/images/generations"))[0] == 200
     status, _, raw = await post(proxy, body, "/v1/images/generations")
-    assert status == 429 and orjson.loads(raw)["error"]["code"] == "rate_limit_exceeded"
+    assert status == 429 and raw["error"]["code"] == "rate_limit_exceeded"
     assert fake.calls("/v1/images/generations") == 1
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
-from conftest import AUTH_NO_STORE as AUTH
-from conftest import MakeProxy, Proxy
+from conftest import NO_STORE, MakeProxy, Proxy
+from conftest import post as post_to
 from fake_openai import FakeOpenAI
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -101,26 +101,19 @@ def test_dynamic_max_tokens_arithmetic() -> None:
     assert dynamic_max_tokens({"model": "x"}, 10, None, 4096) is None
 
 
-async def post(proxy: Proxy, body: dict[str, Any], **headers: str) -> Any:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            proxy.url + "/v1/chat/completions",
-            data=orjson.dumps(body),
-            headers={**AUTH, "Content-Type": "application/json", **headers},
-        ) as r,
-    ):
-        return r.status, r.headers, orjson.loads(await r.read())
-
-
 def sent_body(fake: FakeOpenAI) -> dict[str, Any]:
     return orjson.loads(fake.requests[-1].body)
+
+
+post = partial(post_to, headers=NO_STORE)  # past the cache
 
 
 async def test_trim_header_trims_what_goes_upstream(proxy: Proxy, fake: FakeOpenAI) -> None:
     messages = conversation(10)
     body = {"model": "gpt-4o", "messages": messages}
-    status, headers, _ = await post(proxy, body, **{"x-thriftgate-trim": "last-4"})
+    status, headers, _ = await post(
+        proxy, body, headers={**NO_STORE, "x-thriftgate-trim": "last-4"}
+    )
     assert status == 200
     upstream = fake.requests[-1]
     assert "x-thriftgate-trim" not in upstream.headers
@@ -134,7 +127,9 @@ async def test_trim_header_trims_what_goes_upstream(proxy: Proxy, fake: FakeOpen
         "messages_dropped": 16,
         "tokens_saved": before - after,
     }
-    status, _, payload = await post(proxy, body, **{"x-thriftgate-trim": "everything"})
+    status, _, payload = await post(
+        proxy, body, headers={**NO_STORE, "x-thriftgate-trim": "everything"}
+    )
     assert status == 400 and payload["error"]["code"] == "invalid_header"
     assert len(fake.requests) == 1
 
@@ -149,7 +144,7 @@ async def test_trim_from_config_only_above_the_threshold(
     assert (await post(proxy, short))[0] == 200
     assert len(sent_body(fake)["messages"]) == 1 + 10  # trim_keep defaults to 10
     fake.requests.clear()
-    assert (await post(proxy, short, **{"x-thriftgate-trim": "off"}))[0] == 200
+    assert (await post(proxy, short, headers={**NO_STORE, "x-thriftgate-trim": "off"}))[0] == 200
     assert sent_body(fake)["messages"] == short["messages"]
 
 

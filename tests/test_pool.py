@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from conftest import AUTH_NO_STORE as AUTH
-from conftest import MakeProxy, Proxy, free_port
+from conftest import NO_STORE, MakeProxy, free_port
+from conftest import post as post_to
 from fake_openai import FakeOpenAI, Fault
 
 from proxy.config import ConfigError, UpstreamSettings, UpstreamTarget, load_settings
@@ -42,13 +44,7 @@ def target(url: str, name: str, weight: float = 1, key: str | None = None) -> st
     return line + (f'api_key = "{key}"\n' if key else "")
 
 
-async def post(proxy: Proxy) -> tuple[int, Any]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(proxy.url + "/v1/chat/completions", json=CHAT, headers=AUTH) as r,
-    ):
-        await r.read()
-        return r.status, r.headers
+post = partial(post_to, body=CHAT, headers=NO_STORE)
 
 
 async def test_failover_to_the_second_upstream(
@@ -67,7 +63,7 @@ async def test_failover_to_the_second_upstream(
     proxy = await make_proxy(env={"THRIFTGATE_CONFIG": cfg})
     fake.fail_next(*[Fault(status=503)] * 100)  # "a" is failing
     for _ in range(4):  # (fewer than the 5 failures that would take "a" out of the rotation)
-        status, headers = await post(proxy)
+        status, headers, _ = await post(proxy)
         assert status == 200 and headers["x-thriftgate-attempts"] == "2"
     assert fake.calls() == fake2.calls() == 4  # each request: "a", then "b"
     assert {r.headers["Authorization"] for r in fake.requests} == {"Bearer sk-a"}

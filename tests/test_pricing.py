@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import aiohttp
-import orjson
 import pytest
-from conftest import AUTH, LogSink, MakeProxy, Proxy
+from conftest import LogSink, MakeProxy, Proxy, post
 
 from proxy.config import ConfigError, Price, load_settings
 from proxy.pricing import PriceTable
@@ -83,19 +80,11 @@ def test_config_overrides_and_adds_prices(tmp_path: Path) -> None:
             load_settings(env={}, config_file=str(cfg))
 
 
-async def post(proxy: Proxy, body: dict[str, Any]) -> Any:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(proxy.url + "/v1/chat/completions", json=body, headers=AUTH) as r,
-    ):
-        return r.status, orjson.loads(await r.read())
-
-
 async def test_cost_and_savings_in_the_usage_log(proxy: Proxy) -> None:
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "price me"}]}
-    status, answer = await post(proxy, body)
+    status, _, answer = await post(proxy, body)
     assert status == 200
-    status, _ = await post(proxy, body)  # a cache hit
+    status, _, _ = await post(proxy, body)  # a cache hit
     miss, hit = await proxy.usage.wait(2)
     usage = answer["usage"]
     expected = (usage["prompt_tokens"] * 0.15 + usage["completion_tokens"] * 0.6) / 1e6
@@ -107,7 +96,7 @@ async def test_cost_and_savings_in_the_usage_log(proxy: Proxy) -> None:
 
 async def test_unknown_model_logs_null_cost(make_proxy: MakeProxy) -> None:
     proxy = await make_proxy()
-    status, _ = await post(
+    status, _, _ = await post(
         proxy, {"model": "local-llm", "messages": [{"role": "user", "content": "x"}]}
     )
     assert status == 200

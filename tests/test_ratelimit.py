@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,15 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as redis
-from conftest import API_KEY, MakeProxy, Proxy, RedisServer, scope_of
-from conftest import AUTH_NO_STORE as AUTH
+from conftest import API_KEY, NO_STORE, MakeProxy, RedisServer, scope_of
+from conftest import post as post_to
 from fake_openai import FakeOpenAI
 
 from proxy import tokens
 from proxy.app import part
-from proxy.keys import fingerprint
+from proxy.config import load_settings
+from proxy.keys import Keys, fingerprint
+from proxy.metrics import Metrics
 from proxy.ratelimit import (
     Bucket,
     MemoryBuckets,
@@ -31,17 +34,11 @@ FP = fingerprint(API_KEY)
 SCOPE = scope_of(API_KEY)
 
 
+post = partial(post_to, headers={**NO_STORE, "x-thriftgate-max-retries": "0"})
+
+
 def chat(text: str = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": "gpt-4o", "messages": [{"role": "user", "content": text}], **extra}
-
-
-async def post(proxy: Proxy, body: dict[str, Any], key: str = API_KEY) -> Any:
-    headers = {**AUTH, "Authorization": f"Bearer {key}", "x-thriftgate-max-retries": "0"}
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(proxy.url + "/v1/chat/completions", json=body, headers=headers) as r,
-    ):
-        return r.status, r.headers, orjson.loads(await r.read())
 
 
 class Clock:
@@ -447,3 +444,21 @@ async def until_async(probe: Callable[[], Any], within: float = 5) -> None:
     async with asyncio.timeout(within):
         while not await probe():  # noqa: ASYNC110 - Redis is another process: poll it
             await asyncio.sleep(0.01)
+
+
+async def test_the_stage_alone_refills_by_its_injected_clock(stage_app: Any) -> None:
+    """The rate-limit stage on its own, around a stub handler: its clock, not the wall, decides
+    when the bucket has room again."""
+    settings = load_settings({}, env={"THRIFTGATE_RPM": "2"})
+    clock = Clock()
+    limiter = RateLimitStage(
+        settings.ratelimit, Keys(settings), settings.model_limits, Metrics(), clock=clock
+    )
+    app = await stage_app(settings, limiter)
+    assert [(await app.post(chat(f"m{i}"))).status for i in range(3)] == [200, 200, 429]
+    assert len(app.calls) == 2  # the refused request never reached the handler
+    clock.now += 29  # one request comes back every 30 s
+    assert (await app.post(chat("early"))).status == 429
+    clock.now += 1
+    assert (await app.post(chat("on time"))).status == 200
+    assert len(app.calls) == 3

@@ -10,9 +10,9 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from conftest import API_KEY, MakeProxy, Proxy
+from conftest import API_KEY, AUTH, MakeProxy, Proxy, post
 from fake_openai import FakeOpenAI, Fault
-from test_accounting import AUTH, post, tokens_spent
+from test_accounting import tokens_spent
 
 from proxy.tokens import count_request
 
@@ -244,7 +244,7 @@ async def test_the_context_guard_uses_max_output_tokens(proxy: Proxy, fake: Fake
     body = {"model": "gpt-4o", "input": "hello", "max_output_tokens": 200_000}
     status, _, raw = await post(proxy, body, RESPONSES)
     assert status == 400
-    error = orjson.loads(raw)["error"]
+    error = raw["error"]
     assert error["code"] == "context_length_exceeded" and error["param"] == "input"
     assert fake.calls(RESPONSES) == 0
 
@@ -255,7 +255,7 @@ async def test_a_rate_limit_counts_responses_and_settles_their_usage(
     proxy = await make_proxy(env={"THRIFTGATE_RPM": "1"})
     assert (await post(proxy, {"model": "gpt-4o", "input": "one"}, RESPONSES))[0] == 200
     status, headers, raw = await post(proxy, {"model": "gpt-4o", "input": "two"}, RESPONSES)
-    assert status == 429 and orjson.loads(raw)["error"]["code"] == "rate_limit_exceeded"
+    assert status == 429 and raw["error"]["code"] == "rate_limit_exceeded"
     assert "retry-after" in headers
     assert fake.calls(RESPONSES) == 1
 
@@ -279,11 +279,11 @@ async def test_unreadable_input_is_refused_for_a_budgeted_key_and_forwarded_othe
     body = {"model": "gpt-4o", "input": 5}
     plain = await make_proxy()
     status, _, raw = await post(plain, body, RESPONSES)
-    assert status == 400 and orjson.loads(raw)["error"]["param"] == "input"  # the upstream's
+    assert status == 400 and raw["error"]["param"] == "input"  # the upstream's
     assert fake.calls(RESPONSES) == 1
     budgeted = await make_proxy(env={"THRIFTGATE_TOKENS_PER_DAY": "1000"})
     status, _, raw = await post(budgeted, body, RESPONSES)
-    error = orjson.loads(raw)["error"]
+    error = raw["error"]
     assert status == 400 and error["code"] == "invalid_request_shape" and error["param"] == "input"
     assert fake.calls(RESPONSES) == 1
 

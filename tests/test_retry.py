@@ -5,33 +5,21 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
+from functools import partial
 from typing import Any
 
 import aiohttp
 import openai
-import orjson
 import pytest
 from aiohttp import web
-from conftest import API_KEY, AUTH, MakeProxy, Proxy
+from conftest import API_KEY, AUTH, NO_STORE, MakeProxy, Proxy
+from conftest import post as post_to
 from fake_openai import FakeOpenAI, Fault, error_body
 from multidict import CIMultiDict
 
 from proxy.retry import RetryStage, retry_after_s
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "retry me"}]}
-NO_CACHE = {"Cache-Control": "no-store"}
-
-
-async def post(proxy: Proxy, body: Any = CHAT, **headers: str) -> tuple[int, Any, bytes]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(
-            proxy.url + "/v1/chat/completions",
-            json=body,
-            headers={**AUTH, **NO_CACHE, **headers},
-        ) as r,
-    ):
-        return r.status, r.headers, await r.read()
 
 
 def retries(proxy: Proxy, reason: str) -> float:
@@ -41,13 +29,16 @@ def retries(proxy: Proxy, reason: str) -> float:
     )
 
 
+post = partial(post_to, body=CHAT, headers=NO_STORE)  # past the cache
+
+
 async def test_503_503_200_is_one_success_after_three_attempts(
     proxy: Proxy, fake: FakeOpenAI
 ) -> None:
     fake.fail_next(Fault(status=503), Fault(status=503))
     status, headers, body = await post(proxy)
     assert status == 200
-    assert orjson.loads(body)["choices"][0]["message"]["content"] == "You said: retry me"
+    assert body["choices"][0]["message"]["content"] == "You said: retry me"
     assert headers["x-thriftgate-attempts"] == "3"
     assert "x-should-retry" not in headers
     assert fake.calls("/v1/chat/completions") == 3
@@ -116,9 +107,10 @@ async def test_other_4xx_are_not_retried(proxy: Proxy, fake: FakeOpenAI, status:
 async def test_insufficient_quota_is_not_retried(proxy: Proxy, fake: FakeOpenAI) -> None:
     body = error_body("You exceeded your current quota", "insufficient_quota", "insufficient_quota")
     fake.fail_next(Fault(status=429, body=body))
-    status, headers, got = await post(proxy)
+    answer = await post(proxy)
+    status, headers = answer.status, answer.headers
     assert status == 429
-    assert got == body  # the upstream's answer, unchanged...
+    assert answer.raw == body  # the upstream's answer, unchanged...
     assert headers["x-should-retry"] == "false"  # ...and the SDK told not to try again
     assert fake.calls("/v1/chat/completions") == 1
     assert proxy.waits == []
@@ -163,7 +155,7 @@ async def test_unreachable_upstream_after_retries_is_502_not_retried_by_the_sdk(
     proxy = await make_proxy(upstream=f"http://127.0.0.1:{free_port()}/v1")
     status, headers, body = await post(proxy)
     assert status == 502
-    assert orjson.loads(body)["error"]["code"] == "upstream_unavailable"
+    assert body["error"]["code"] == "upstream_unavailable"
     assert headers["x-should-retry"] == "false"
     assert headers["x-thriftgate-attempts"] == "3"
 
@@ -182,11 +174,11 @@ async def test_deadline_gives_up_rather_than_sleeping_past_it(
 
 async def test_per_request_max_retries(proxy: Proxy, fake: FakeOpenAI) -> None:
     fake.fail_next(*[Fault(status=503)] * 5)
-    status, headers, _ = await post(proxy, **{"x-thriftgate-max-retries": "1"})
+    status, headers, _ = await post(proxy, headers={**NO_STORE, "x-thriftgate-max-retries": "1"})
     assert status == 503 and headers["x-thriftgate-attempts"] == "2"
-    status, _, body = await post(proxy, **{"x-thriftgate-max-retries": "lots"})
+    status, _, body = await post(proxy, headers={**NO_STORE, "x-thriftgate-max-retries": "lots"})
     assert status == 400
-    assert orjson.loads(body)["error"]["code"] == "invalid_max_retries"
+    assert body["error"]["code"] == "invalid_max_retries"
     assert all("x-thriftgate-max-retries" not in r.headers for r in fake.requests)
 
 
