@@ -176,40 +176,6 @@ def _usage_from_sse(tail: bytes) -> dict[str, Any] | None:
     return None
 
 
-_USAGE_KEY = b'"usage":'
-
-
-def _usage_from_tail(tail: bytes) -> dict[str, Any] | None:
-    """The last ``"usage": {...}`` object in the tail of a JSON answer too large to parse whole."""
-    at = tail.rfind(_USAGE_KEY)
-    if at < 0:
-        return None
-    text = tail[at + len(_USAGE_KEY) :].decode("utf-8", "replace").lstrip()
-    try:
-        found, _ = json.JSONDecoder().raw_decode(text)
-    except ValueError:
-        return None
-    return found if isinstance(found, dict) else None
-
-
-def _usage_from_sse(tail: bytes) -> dict[str, Any] | None:
-    for line in reversed(tail.splitlines()):
-        if not line.startswith(b"data:") or b'"usage"' not in line:
-            continue
-        try:
-            event = orjson.loads(line[5:].strip())
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(event, dict):
-            continue
-        found = event.get("usage")
-        if found is None and isinstance(event.get("response"), dict):
-            found = event["response"].get("usage")
-        if isinstance(found, dict):
-            return found
-    return None
-
-
 class UsageStripper:
     """For ``usage.force_stream_usage``: the upstream was asked for the usage chunk the client did
     not ask for; take it out of the stream (keeping the usage) and take out the ``"usage":null``
