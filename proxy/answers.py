@@ -135,13 +135,6 @@ class UsageRecorder:
         return _usage_from_sse(bytes(self._buf))
 
 
-def usage_of(content_type: str | None, body: bytes) -> dict[str, Any] | None:
-    """The ``usage`` object of a whole (decoded) answer body, JSON or SSE."""
-    recorder = UsageRecorder(content_type, None)
-    recorder.feed(body)
-    return recorder.usage()
-
-
 _USAGE_KEY = b'"usage":'
 
 

@@ -1,12 +1,12 @@
 """One outcome per request: what a finished call used and cost, decided once, in this file.
 
 When an answer has been delivered (or a request ended without one) the request context stage
-calls ``conclude``, which builds one immutable ``Outcome``: status and error, the ``usage`` object
-and where it came from, the token counts, the cost by the price table, what a cache hit saved,
-latency and time to first token, and an images or audio call's own facts. The same outcome is
-then handed to every settler a stage registered (budgets, rate limits, the cache's store, in any
-order: none writes what another reads) and to the usage log, which gives it to the metrics and
-the alert rules. Every number in a usage line comes from here (``Outcome.line``).
+calls ``conclude``, which builds one ``Outcome`` (read-only by contract): status and error, the
+``usage`` object and where it came from, the token counts, the cost by the price table, what a
+cache hit saved, latency and time to first token, and an images or audio call's own facts.
+The same outcome is then handed to every settler a stage registered (budgets, rate limits, the
+cache's store, in any order: none writes what another reads) and to the usage log, which gives it
+to the metrics and the alert rules. Every number in a usage line comes from here (``Outcome.line``).
 
 Where the usage comes from, first found wins:
 
@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from proxy.answers import UsageRecorder
     from proxy.context import RequestContext
     from proxy.pricing import PriceTable
-
-TOKEN_FIELDS = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
 
 
 def token_fields(usage: dict[str, Any] | None) -> dict[str, int | None]:
