@@ -12,7 +12,7 @@ import re
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote
@@ -139,9 +139,11 @@ class UpstreamSettings:
 class UpstreamTarget:
     """One OpenAI-compatible base URL of several (``[[upstreams]]`` in the TOML file)."""
 
-    url: str  # the upstream's base URL (credentials in it are used, never shown)
+    url: Annotated[
+        str, http_url
+    ]  # the upstream's base URL (credentials in it are used, never shown)
     api_key: str | None = field(default=None, repr=False)  # its own key (default: upstream.api_key)
-    weight: float = 1.0  # share of the traffic, relative to the others
+    weight: Annotated[float, positive] = 1.0  # share of the traffic, relative to the others
     name: str = ""  # default: host[:port]
 
 
@@ -345,8 +347,8 @@ class ModelInfo:
     """A model's limits: the catalogue's entries and the config's ``[models."name"]`` tables."""
 
     name: str
-    context_window: int  # prompt plus output, in tokens
-    max_output_tokens: int = 0  # the most output tokens (0: unknown)
+    context_window: Annotated[int, at_least(1)]  # prompt plus output, in tokens
+    max_output_tokens: Count = 0  # the most output tokens (0: unknown)
 
 
 _SECTIONS: dict[str, type] = {
@@ -668,7 +670,20 @@ def _table(
     for key, value in values.items():
         if nonnegative and isinstance(value, int | float) and value < 0:
             raise ConfigError(f"{where}.{key}: must not be negative")
-    return cls(**fixed, **values)
+    made = cls(**fixed, **values)
+    for key, problem in _problems(made):
+        raise ConfigError(f"{where}.{key}: {problem}")
+    return made
+
+
+def _problems(values: Any) -> Iterator[tuple[str, str]]:
+    """What each field's own rules (its ``Annotated`` checks) find wrong with ``values``."""
+    for name, hint in typing.get_type_hints(type(values), include_extras=True).items():
+        value = getattr(values, name)
+        for check in getattr(hint, "__metadata__", ()):
+            problem = check(value) if value is not None else None
+            if problem:
+                yield name, problem
 
 
 def parse_models(where: str, tables: dict[str, Any]) -> tuple[ModelInfo, ...]:
@@ -683,8 +698,6 @@ def parse_models(where: str, tables: dict[str, Any]) -> tuple[ModelInfo, ...]:
             required=("context_window",),
             nonnegative=False,
         )
-        if info.context_window < 1 or info.max_output_tokens < 0:
-            raise ConfigError(f"{where}: models.{name}: limits must be positive")
         out.append(info)
     return tuple(out)
 
@@ -746,11 +759,6 @@ def _target(path: str, index: int, table: dict[str, Any]) -> UpstreamTarget:
     target: UpstreamTarget = _table(
         where, UpstreamTarget, {}, table, required=("url",), nonnegative=False
     )
-    url = URL(target.url)
-    if url.scheme not in {"http", "https"} or not url.host:
-        raise ConfigError(f"{where}.url: {redact_url(target.url)!r} is not an http(s) URL")
-    if not target.weight > 0:
-        raise ConfigError(f"{where}.weight: must be positive")
     return dataclasses.replace(target, name=target.name or _name(target.url))
 
 
@@ -831,14 +839,9 @@ def _validate(s: Settings, where: Mapping[tuple[str, str], str]) -> None:
     def fail(section: str, key: str, why: str) -> None:
         raise ConfigError(f"{where.get((section, key), f'{section}.{key}')}: {why}")
 
-    for section, cls in _SECTIONS.items():  # each field's own rules (``Annotated``)
-        values = getattr(s, section)
-        for name, hint in typing.get_type_hints(cls, include_extras=True).items():
-            value = getattr(values, name)
-            for check in getattr(hint, "__metadata__", ()):
-                problem = check(value) if value is not None else None
-                if problem:
-                    fail(section, name, problem)
+    for section in _SECTIONS:  # each field's own rules (``Annotated``)
+        for name, problem in _problems(getattr(s, section)):
+            fail(section, name, problem)
     # the rules that involve more than one setting
     names = [t.name for t in s.upstreams]
     if len(set(names)) != len(names):

@@ -135,6 +135,8 @@ def test_bad_model_tables(tmp_path: Path) -> None:
         ('[models."x"]\nmax_output_tokens = 5\n', "context_window is required"),
         ('[models."x"]\ncontext_window = "big"\n', "is not a valid int"),
         ('[models."x"]\ncontext_window = 10\nspeed = 1\n', "unknown setting speed"),
+        ('[models."x"]\ncontext_window = 0\n', "models.x.context_window: must be at least 1"),
+        ('[models."x"]\ncontext_window = 9\nmax_output_tokens = -1\n', "must not be negative"),
     ]:
         cfg.write_text(text)
         with pytest.raises(ConfigError) as caught:
