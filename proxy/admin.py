@@ -92,7 +92,7 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": status}, status=code)
     settings = request.app[SETTINGS]
     guard = request.app[REDIS]
-    backend = request.app[CACHE].backend if CACHE in request.app else None
+    backend = request.app[CACHE].backend
     report = {
         "status": status,
         "version": __version__,
