@@ -26,6 +26,7 @@ from proxy.forward import POOL
 from proxy.inbound import secret_bytes
 from proxy.metrics import Metrics
 from proxy.store import REDIS
+from proxy.summary import Summary
 from proxy.types import METRICS, SETTINGS, Part
 
 
@@ -58,17 +59,18 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
             "invalid_admin_token",
         )
     metrics = request.app[METRICS]
-    others = _other_workers(request.app[SETTINGS].server.metrics_dir)
+    others = other_workers(request.app[SETTINGS].server.metrics_dir, ".json")
     return web.Response(body=metrics.render(others), headers={"Content-Type": metrics.content_type})
 
 
-def _other_workers(metrics_dir: str | None) -> list[dict[str, Any]]:
-    """The other workers' latest snapshots (each rewrites its own file every second)."""
+def other_workers(metrics_dir: str | None, suffix: str) -> list[dict[str, Any]]:
+    """The other workers' latest snapshots (each rewrites its own file every second): their
+    metrics (``.json``) or their dashboard summaries (``.summary``)."""
     if metrics_dir is None:
         return []
-    own = f"{os.getpid()}.json"
+    own = f"{os.getpid()}{suffix}"
     out = []
-    for path in Path(metrics_dir).glob("*.json"):
+    for path in Path(metrics_dir).glob(f"*{suffix}"):
         if path.name == own:
             continue
         try:
@@ -107,24 +109,32 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 class MetricsShare(Part):
-    """With workers (``metrics_dir``): this worker's counters written to its own file every
-    second, for the others' ``/metrics``."""
+    """With workers (``metrics_dir``): this worker's counters (and its dashboard summary) written
+    to files of its own every second, for the others' ``/metrics`` and ``/dashboard``."""
 
-    def __init__(self, metrics: Metrics, metrics_dir: str | None) -> None:
+    def __init__(
+        self, metrics: Metrics, metrics_dir: str | None, summary: Summary | None = None
+    ) -> None:
         self.metrics = metrics
         self.metrics_dir = metrics_dir
+        self.summary = summary
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         if self.metrics_dir is None:
             yield
             return
-        path = Path(self.metrics_dir) / f"{os.getpid()}.json"
-        metrics = self.metrics
+        base = Path(self.metrics_dir) / str(os.getpid())
+        metrics, summary = self.metrics, self.summary
 
         def write() -> None:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(orjson.dumps(metrics.snapshot()))
-            os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+            shares: list[tuple[str, Any]] = [(".json", metrics.snapshot)]
+            if summary is not None:
+                shares.append((".summary", summary.dump))
+            for suffix, snapshot in shares:
+                tmp = base.with_suffix(".tmp")
+                tmp.write_bytes(orjson.dumps(snapshot()))
+                # readers see the old file or the new one, never half of one
+                os.replace(tmp, base.with_suffix(suffix))
 
         async def loop() -> None:
             while True:

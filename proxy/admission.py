@@ -27,6 +27,7 @@ from proxy.answers import UsageStripper
 from proxy.context import RequestContext, context_of, counted
 from proxy.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
 from proxy.errors import ContextLengthExceeded
+from proxy.optimize import TRIM_KEEPS, trim_savings
 from proxy.tokens import Catalogue, Count
 from proxy.types import Handler, Stage
 from proxy.upstream import Reply
@@ -59,6 +60,12 @@ class AdmissionStage(Stage):
         ctx.prompt_source = count.source
         assert ctx.body is not None
         ctx.output_limit = requested_output(ctx.body)
+        if count.sizes:  # a long conversation: what trimming it would save, for --what-if
+            listed = ctx.body.get("input" if ctx.endpoint == RESPONSES else "messages")
+            responses = ctx.endpoint == RESPONSES
+            saved = trim_savings(listed, count.sizes, TRIM_KEEPS, items=responses)  # type: ignore[arg-type]
+            if saved:
+                ctx.extra["trim_tokens"] = saved
         self._guard(ctx, count)
         strip = self._force_stream_usage(ctx)
         resp = await handler(request)

@@ -113,6 +113,20 @@ class UsageRecorder:
     def streamed_text(self) -> str | None:
         return "".join(self.text) if self.text else None
 
+    def error_code(self) -> str | None:
+        """An error answer's ``error.code`` (else its ``error.type``), read from its JSON body."""
+        if not self.json or self._too_big or (self._decoder is not None and self._decoder.failed):
+            return None
+        try:
+            body = orjson.loads(self._buf)
+        except orjson.JSONDecodeError:
+            return None
+        error = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(error, dict):
+            return None
+        code = error.get("code") or error.get("type")
+        return str(code)[:64] if isinstance(code, str | int) else None
+
     def usage(self) -> dict[str, Any] | None:
         if (self._decoder is not None and self._decoder.failed) or not self._buf:
             return None

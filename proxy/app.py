@@ -17,14 +17,16 @@ from typing import IO, TypeVar
 
 from aiohttp import web
 
+from proxy import dashboard
 from proxy.admin import STATE, AppState, MetricsShare, routes
 from proxy.admission import AdmissionStage
 from proxy.alerts import Alerts
 from proxy.budget import BudgetStage
-from proxy.cache import CACHE, CacheStage
+from proxy.cache import CACHE, CacheStage, Keyer
 from proxy.config import Settings
 from proxy.console import access_writer
 from proxy.context import RequestContextStage
+from proxy.dashboard import SUMMARY
 from proxy.errors import ErrorStage
 from proxy.forward import Upstreams, forward, send_upstream
 from proxy.keys import Keys
@@ -35,6 +37,7 @@ from proxy.pricing import PriceTable
 from proxy.ratelimit import RateLimitStage
 from proxy.retry import RetryStage
 from proxy.store import RedisConnection
+from proxy.summary import Summary
 from proxy.tokens import Catalogue, Encodings
 from proxy.types import METRICS, SETTINGS, Clock, Part, Sleep, Stage
 from proxy.usage import UsageLog, open_for_append
@@ -54,14 +57,15 @@ def create_app(
 ) -> web.Application:
     """Build the proxy. ``usage_stream`` receives the usage log (default: the configured sink).
     ``retry_sleep`` waits between retries, ``ratelimit_sleep`` in the rate limiter's queue;
-    ``wall_clock`` dates budgets and cache entries, ``clock`` times buckets, holds and retries
-    (tests pass their own)."""
+    ``wall_clock`` dates budgets, cache entries and usage lines, ``clock`` times buckets, holds
+    and retries (tests pass their own)."""
     metrics = Metrics()
     prices = PriceTable(settings.prices)
     alerts = Alerts(settings.alerts, clock=wall_clock)
     keys = Keys(settings)
     catalogue = Catalogue(settings.models)
     owned = usage_stream is None  # the configured sink: this app opens (and reopens) it
+    summary = Summary() if settings.server.dashboard else None  # /dashboard's numbers
     usage_log = UsageLog(
         _usage_sink(settings) if usage_stream is None else usage_stream,
         access=access_writer(sys.stderr) if settings.log.format == "console" else None,
@@ -72,6 +76,9 @@ def create_app(
         alerts=alerts,
         redis_stream=settings.usage.redis_stream,
         redis_maxlen=settings.usage.redis_stream_maxlen,
+        hasher=Keyer(settings.cache).request_hash,
+        summary=summary,
+        clock=wall_clock,
     )
     context = RequestContextStage(usage_log, keys, settings.server, prices)
     cache = CacheStage(
@@ -85,7 +92,7 @@ def create_app(
         RedisConnection(settings.redis, metrics, clock),  # app[REDIS]: None without Redis
         Encodings(),  # tiktoken's, loaded before the port is bound
         usage_log,
-        MetricsShare(metrics, settings.server.metrics_dir),  # with --workers
+        MetricsShare(metrics, settings.server.metrics_dir, summary),  # with --workers
         alerts,
     ]
     stages: list[Stage] = [
@@ -129,6 +136,9 @@ def create_app(
     app[STATE] = AppState(started=time.monotonic())
     app[CONTEXT] = context
     app[CACHE] = cache
+    if summary is not None:
+        app[SUMMARY] = summary
+        dashboard.routes(app)
     app[PARTS] = (*parts, *chain)
     for p in app[PARTS]:
         app.cleanup_ctx.append(p.lifespan)

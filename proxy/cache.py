@@ -292,6 +292,56 @@ def replayable(body: dict[str, Any] | None) -> bool:
     return body.get("background") is not True and body.get("conversation") in (None, "")
 
 
+class Keyer:
+    """Which requests the cache would keep, and under what key (the stage's, and with the cache
+    off or bypassed, the usage line's ``request_hash``: what ``thriftgate usage --what-if``
+    replays to tell what the cache would have saved)."""
+
+    def __init__(self, settings: CacheSettings) -> None:
+        self.settings = settings
+
+    def eligible(self, ctx: RequestContext) -> bool:
+        model = ctx.model or ""
+        if any(fnmatch.fnmatchcase(model, pattern) for pattern in self.settings.exclude_models):
+            return False
+        if ctx.endpoint == RESPONSES and not replayable(ctx.body):
+            return False
+        if self.settings.only_temperature_zero and ctx.endpoint != EMBEDDINGS:
+            assert ctx.body is not None
+            return ctx.body.get("temperature") == 0
+        return True
+
+    def scope(self, ctx: RequestContext) -> str:
+        if self.settings.scope == "shared":
+            return "shared"
+        return f"{ctx.who.scope}|{ctx.organization or ''}|{ctx.project or ''}"
+
+    def key(self, ctx: RequestContext) -> str | None:
+        """The cache key of a readable request the cache would keep, else None."""
+        if ctx.unreadable is not None or ctx.body is None or not self.eligible(ctx):
+            return None
+        try:
+            key = cache_key(ctx.endpoint, ctx.body, self.scope(ctx), ctx.query)
+        except TypeError:  # nested deeper than orjson writes
+            ctx.unreadable = "body"
+            return None
+        ctx.request_hash = request_hash(key)
+        return key
+
+    def request_hash(self, ctx: RequestContext) -> str | None:
+        """For the usage line of an answered request the cache did not key (off, bypassed by
+        ``Cache-Control: no-store``): its ``request_hash`` as if the cache were on."""
+        if ctx.request_hash is None and ctx.optimised:
+            self.key(ctx)
+        return ctx.request_hash
+
+
+def request_hash(key: str) -> str:
+    """What the usage line shows of a cache key: a hash of it (equal requests, equal hashes;
+    the key itself, which names the stored answer in Redis, is not written)."""
+    return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+
+
 class CacheStage(Stage):
     def __init__(
         self,
@@ -302,6 +352,7 @@ class CacheStage(Stage):
         clock: Clock = time.time,
     ) -> None:
         self.settings = settings
+        self.keyer = Keyer(settings)
         self.active = settings.enabled
         self.clock = clock  # entries' ages and expiries
         self.metrics = metrics
@@ -337,17 +388,7 @@ class CacheStage(Stage):
             return await handler(request)
         ttl = self.settings.ttl_s if ctx.control.cache_ttl_s is None else ctx.control.cache_ttl_s
         control = request.headers.get("Cache-Control", "").lower()
-        key = None
-        if (
-            ctx.unreadable is None
-            and ctx.body is not None
-            and "no-store" not in control
-            and self._eligible(ctx)
-        ):
-            try:
-                key = cache_key(ctx.endpoint, ctx.body, self._scope(ctx), request.query_string)
-            except TypeError:  # nested deeper than orjson writes
-                ctx.unreadable = "body"
+        key = None if "no-store" in control else self.keyer.key(ctx)
         if key is None:
             ctx.cache = "bypass"
             self.metrics.cache["bypass"] += 1
@@ -381,23 +422,6 @@ class CacheStage(Stage):
         else:
             self._land(key, leader, None)
         return resp
-
-    # -- decisions -----------------------------------------------------------------------------
-    def _eligible(self, ctx: RequestContext) -> bool:
-        model = ctx.model or ""
-        if any(fnmatch.fnmatchcase(model, pattern) for pattern in self.settings.exclude_models):
-            return False
-        if ctx.endpoint == RESPONSES and not replayable(ctx.body):
-            return False
-        if self.settings.only_temperature_zero and ctx.endpoint != EMBEDDINGS:
-            assert ctx.body is not None
-            return ctx.body.get("temperature") == 0
-        return True
-
-    def _scope(self, ctx: RequestContext) -> str:
-        if self.settings.scope == "shared":
-            return "shared"
-        return f"{ctx.who.scope}|{ctx.organization or ''}|{ctx.project or ''}"
 
     # -- hits, misses, single-flight ---------------------------------------------------------
     async def _follow(self, flight: asyncio.Future[Entry | None]) -> Entry | None:

@@ -85,10 +85,35 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         action="extend",
         default=[],
-        choices=["key", "model", "day", "endpoint", "user"],
-        help="group by these (key shows the alias when there is one)",
+        choices=["key", "model", "day", "hour", "minute", "endpoint", "user", "tag"],
+        help="group by these (key shows the alias when there is one; a request with several "
+        "tags counts in each)",
     )
     usage.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    usage.add_argument(
+        "--html",
+        metavar="FILE",
+        help="also write the savings report: one self-contained HTML page (with --what-if)",
+    )
+    usage.add_argument(
+        "--what-if",
+        action="store_true",
+        help="estimate what the exact cache, the Batch API and history trimming would save",
+    )
+    usage.add_argument(
+        "--cache-ttl",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="--what-if: how long the cache would keep answers (default 3600)",
+    )
+    usage.add_argument(
+        "--batch-tag",
+        action="append",
+        metavar="TAG",
+        help="--what-if: a tag of non-interactive traffic (default: batch, offline, "
+        "non-interactive; repeat for more)",
+    )
     batch = sub.add_parser("batch", help="run a Batch-API input file (Batch API or one by one)")
     bsub = batch.add_subparsers(dest="batch_command", required=True, metavar="ACTION")
     brun = bsub.add_parser("run", help="send INPUT.jsonl, write the answers to OUTPUT.jsonl")
@@ -218,7 +243,11 @@ def run_doctor(args: argparse.Namespace) -> int:
 
 
 def usage_report(args: argparse.Namespace) -> int:
+    from proxy.pages import page
+    from proxy.pricing import PriceTable
     from proxy.report import Report, open_log, render, time_window
+    from proxy.summary import Summary
+    from proxy.whatif import BATCH_TAGS, WhatIf, render_text
 
     try:
         since, until = time_window(args.since, args.until)
@@ -235,6 +264,17 @@ def usage_report(args: argparse.Namespace) -> int:
         )
         return 2
     report = Report(tuple(dict.fromkeys(args.by)), since, until)
+    summary = whatif = None
+    if args.html:
+        summary = Summary()
+        report.consumers.append(summary.add)
+    if args.html or args.what_if:
+        whatif = WhatIf(
+            PriceTable(),
+            ttl_s=args.cache_ttl,
+            batch_tags=tuple(args.batch_tag) if args.batch_tag else BATCH_TAGS,
+        )
+        report.consumers.append(whatif.add)
     for path in files:
         try:
             with open_log(path) as lines:
@@ -248,7 +288,20 @@ def usage_report(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    render(report, args.format, sys.stdout)
+    estimates = whatif.result() if whatif is not None else None
+    render(report, args.format, sys.stdout, estimates if args.what_if else None)
+    if args.what_if and args.format != "json":
+        sys.stdout.write(render_text(estimates))  # type: ignore[arg-type]
+    if summary is not None:
+        subtitle = f"{len(files)} log file{'s' if len(files) > 1 else ''}"
+        html = page(summary.view(), subtitle=subtitle, what_if=estimates)
+        try:
+            with open(args.html, "w", encoding="utf-8") as out:
+                out.write(html)
+        except OSError as exc:
+            print(f"thriftgate: cannot write {args.html}: {exc}", file=sys.stderr)
+            return 2
+        print(f"thriftgate: wrote {args.html}", file=sys.stderr)
     if report.skipped:
         print(f"thriftgate: skipped {report.skipped} malformed lines", file=sys.stderr)
     if report.foreign:

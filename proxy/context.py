@@ -51,6 +51,7 @@ class RequestContext:
     method: str
     endpoint: str
     key: str | None  # the key's fingerprint (display only)
+    query: str = ""  # the query string (part of a cache key)
     who: Identity = NOBODY  # the key's hashes: cache, budgets and limits use ``who.scope``
     control: Control = NO_CONTROL  # the x-thriftgate-* headers, checked
     key_alias: str | None = None
@@ -76,6 +77,7 @@ class RequestContext:
     tags: list[str] | None = None  # from the x-thriftgate-tags header
     # filled in by the stages as the request goes (the outcome is ``proxy.outcome``'s)
     cache: str | None = None
+    request_hash: str | None = None  # the cache key's hash (``cache.Keyer``), for --what-if
     hit_usage: dict[str, Any] | None = None  # a cache hit: the stored answer's usage
     attempts: int = 1
     retry_wait_ms: float = 0.0
@@ -164,6 +166,7 @@ class RequestContextStage(Stage):
             endpoint=path if path.isascii() else safe_text(path),
             key=who.fingerprint,
             who=who,
+            query=request.query_string,
         )
         request[CTX] = ctx
         # aiohttp runs each request in a task of its own (a copy of the connection's context),

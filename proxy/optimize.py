@@ -31,6 +31,7 @@ PINNED_ROLES = frozenset({"system", "developer"})
 RESULT_ROLES = frozenset({"tool", "function"})
 OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _REASONING = re.compile(r"^(o\d|gpt-5)")
+TRIM_KEEPS = (5, 10, 20)  # the usage line's ``trim_tokens``: what trimming to these would drop
 
 
 def keep_for(control: Control, settings: OptimizeSettings) -> int | None:
@@ -58,22 +59,47 @@ def _attached_item(item: Any) -> bool:
     return not isinstance(item, dict) or item.get("type", "message") != "message" or not _role(item)
 
 
-def trim_history(messages: list[Any], keep: int, *, items: bool = False) -> list[Any]:
-    """System/developer messages and the last ``keep`` others, in their order. The cut never
-    falls between an assistant's tool calls and the tool results answering them: it moves back to
-    that assistant message (keeping a few more than ``keep``). ``items``: a Responses ``input``
-    list, whose window starts on a message."""
+def trim_cut(messages: list[Any], keep: int, *, items: bool = False) -> int | None:
+    """Where trimming to the last ``keep`` messages cuts (messages before it go, but for the
+    system/developer ones), or None when nothing would go. The cut never falls between an
+    assistant's tool calls and the tool results answering them: it moves back to that assistant
+    message (keeping a few more than ``keep``). ``items``: a Responses ``input`` list, whose
+    window starts on a message."""
     others = [i for i, m in enumerate(messages) if _role(m) not in PINNED_ROLES]
     if len(others) <= keep:
-        return messages
+        return None
     attached = _attached_item if items else _attached
     position = len(others) - keep
     while position > 0 and attached(messages[others[position]]):
         position -= 1
-    if position == 0:
+    return others[position] if position else None
+
+
+def trim_history(messages: list[Any], keep: int, *, items: bool = False) -> list[Any]:
+    """System/developer messages and the last ``keep`` others, in their order (``trim_cut``)."""
+    cut = trim_cut(messages, keep, items=items)
+    if cut is None:
         return messages
-    cut = others[position]
     return [m for i, m in enumerate(messages) if i >= cut or _role(m) in PINNED_ROLES]
+
+
+def trim_savings(
+    messages: list[Any], sizes: tuple[int, ...], keeps: tuple[int, ...], *, items: bool = False
+) -> dict[str, int] | None:
+    """For each N of ``keeps``: the prompt tokens trimming to the last N messages would drop,
+    from the messages' counted ``sizes`` (``Count.sizes``); None when no N would drop any."""
+    if len(sizes) != len(messages):
+        return None
+    out = {}
+    for keep in keeps:
+        cut = trim_cut(messages, keep, items=items)
+        if cut is not None:
+            out[str(keep)] = sum(
+                size
+                for size, message in zip(sizes[:cut], messages[:cut], strict=True)
+                if _role(message) not in PINNED_ROLES
+            )
+    return out or None
 
 
 def output_field(model: str, endpoint: str = CHAT) -> str:

@@ -77,6 +77,7 @@ class Outcome:
     latency_ms: float
     ttft_ms: float | None = None  # streams: time to the first byte of the answer's body
     media: dict[str, Any] = field(default_factory=dict)  # images and audio: the line's facts
+    upstream_error: str | None = None  # an upstream error answer's own code (else its type)
 
     @property
     def failed(self) -> bool:
@@ -125,6 +126,7 @@ class Outcome:
             "stream": ctx.stream,
             "status": self.status,
             "cache": ctx.cache,
+            "request_hash": ctx.request_hash,
             **self.tokens,
             "tokens_source": self.tokens_source,
             "prompt_tokens_estimate": ctx.prompt_estimate,
@@ -138,6 +140,7 @@ class Outcome:
             "retry_wait_ms": ctx.retry_wait_ms,
             "rate_limited_ms": ctx.rate_limited_ms,
             "error": self.error,
+            "upstream_error": self.upstream_error,
             **ctx.extra,
             **self.media,
         }
@@ -188,6 +191,7 @@ def conclude(
         latency_ms=latency_ms,
         ttft_ms=ttft_ms,
         media=media,
+        upstream_error=recorder.error_code() if recorder is not None and status >= 400 else None,
     )
 
 

@@ -10,19 +10,51 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import math
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
 
 import orjson
 
-GROUPS = ("key", "model", "day", "endpoint", "user")
+GROUPS = ("key", "model", "day", "hour", "minute", "endpoint", "user", "tag")
 BIN = math.log(1.02)  # histogram bins 2% wide: a percentile is within ±1% of the true value
+BUDGET_REFUSAL = "insufficient_quota"  # the budget stage's refusal (no upstream was asked)
+RATE_REFUSAL = "rate_limit_exceeded"  # the rate limiter's
+
+
+def _bin(ms: float) -> int:
+    return math.floor(math.log(ms if ms > 0.001 else 0.001) / BIN)
+
+
+def _percentile(bins: dict[int, int], count: int, q: float) -> float | None:
+    if not count:
+        return None
+    rank = q * count
+    seen = 0
+    for b in sorted(bins):
+        seen += bins[b]
+        if seen >= rank:
+            return round(math.exp((b + 0.5) * BIN), 3)  # the bin's middle
+    return None  # pragma: no cover - rank <= count always ends the loop
+
+
+def error_code(r: dict[str, Any]) -> str | None:
+    """What went wrong with a request, as one code: the proxy's own (``error``), else the
+    upstream's error answer's, else ``http_<status>``; None for a request that went well."""
+    error = r.get("error")
+    if isinstance(error, str):
+        return error
+    status = r.get("status")
+    if isinstance(status, int) and status >= 400:
+        upstream = r.get("upstream_error")
+        return upstream if isinstance(upstream, str) else f"http_{status}"
+    return None
 
 
 @dataclass(slots=True)
@@ -30,70 +62,142 @@ class Totals:
     requests: int = 0
     tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens OpenAI served from its own prompt cache
     completion_tokens: int = 0
     cost_usd: float = 0.0
     saved_usd: float = 0.0
     cache_hits: int = 0
     cacheable: int = 0  # requests with a cache outcome (hit, miss, bypass)
     errors: int = 0  # status >= 400
+    budget_refusals: int = 0  # refused by a budget (429 insufficient_quota, never sent)
+    rate_limit_refusals: int = 0  # refused by the proxy's rate limiter (429)
+    upstream_429: int = 0  # the upstream's own 429s
     images: int = 0  # images made (images endpoints)
     audio_seconds: float = 0.0  # audio transcribed or translated
     unpriced: int = 0  # answered calls whose cost is unknown (a model without a price, ...)
     latency_bins: dict[int, int] = field(default_factory=dict)
     latency_count: int = 0
+    ttft_bins: dict[int, int] = field(default_factory=dict)
+    ttft_count: int = 0
 
-    def add(self, r: dict[str, Any]) -> None:
+    def add(self, r: dict[str, Any]) -> tuple[int, float, float, int, int, int]:
+        """Count one record; returns what a time slot counts of it (``summary.Slot``): tokens,
+        cost, saved, cacheable, hit, error. (Written for speed: ``/dashboard`` counts every
+        request with it; ``type(v) is int`` leaves out booleans, as the log's readers must.)"""
+        get = r.get
         self.requests += 1
-        self.tokens += _int(r.get("total_tokens"))
-        self.prompt_tokens += _int(r.get("prompt_tokens"))
-        self.completion_tokens += _int(r.get("completion_tokens"))
-        self.cost_usd += _float(r.get("cost_usd"))
-        self.saved_usd += _float(r.get("saved_usd"))
-        cache = r.get("cache")
+        tokens = get("total_tokens")
+        tokens = tokens if type(tokens) is int else 0
+        self.tokens += tokens
+        v = get("prompt_tokens")
+        if type(v) is int:
+            self.prompt_tokens += v
+        v = get("cached_tokens")
+        if type(v) is int:
+            self.cached_tokens += v
+        v = get("completion_tokens")
+        if type(v) is int:
+            self.completion_tokens += v
+        cost = get("cost_usd")
+        cost = cost if type(cost) is float or type(cost) is int else 0.0
+        self.cost_usd += cost
+        saved = get("saved_usd")
+        saved = saved if type(saved) is float or type(saved) is int else 0.0
+        self.saved_usd += saved
+        cache = get("cache")
+        cacheable = hit = error = 0
         if cache is not None:
+            cacheable = 1
+            hit = cache == "hit"
             self.cacheable += 1
-            self.cache_hits += cache == "hit"
-        status = r.get("status")
-        if isinstance(status, int) and status >= 400:
-            self.errors += 1
-        elif isinstance(status, int) and r.get("cost_usd") is None and r.get("cache") != "hit":
-            self.unpriced += 1
-        self.images += _int(r.get("images"))
-        self.audio_seconds += _float(r.get("audio_seconds"))
-        latency = r.get("latency_ms")
-        if isinstance(latency, int | float) and latency >= 0:
-            b = math.floor(math.log(max(latency, 0.001)) / BIN)
+            self.cache_hits += hit
+        status = get("status")
+        if type(status) is int:
+            if status >= 400:
+                error = 1
+                self.errors += 1
+                if status == 429:
+                    refusal = get("error")
+                    if refusal == RATE_REFUSAL:
+                        self.rate_limit_refusals += 1
+                    elif refusal == BUDGET_REFUSAL:
+                        self.budget_refusals += 1
+                    elif get("upstream") is not None:
+                        self.upstream_429 += 1
+            elif get("cost_usd") is None and not hit:
+                self.unpriced += 1
+        if "images" in r or "audio_seconds" in r:
+            self.images += _int(get("images"))
+            self.audio_seconds += _float(get("audio_seconds"))
+        latency = get("latency_ms")
+        if (type(latency) is float or type(latency) is int) and latency >= 0:
+            b = _bin(latency)
             self.latency_bins[b] = self.latency_bins.get(b, 0) + 1
             self.latency_count += 1
+        ttft = get("ttft_ms")
+        if (type(ttft) is float or type(ttft) is int) and ttft >= 0:
+            b = _bin(ttft)
+            self.ttft_bins[b] = self.ttft_bins.get(b, 0) + 1
+            self.ttft_count += 1
+        return tokens, cost, saved, cacheable, hit, error
+
+    def merge(self, other: Totals) -> None:
+        for name in self.__slots__:  # type: ignore[attr-defined]
+            value = getattr(other, name)
+            if isinstance(value, dict):
+                mine = getattr(self, name)
+                for b, n in value.items():
+                    mine[b] = mine.get(b, 0) + n
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+    def dump(self) -> dict[str, Any]:
+        """For another process (``/dashboard`` across workers): ``Totals.load`` reads it."""
+        out = {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
+        out["latency_bins"] = list(self.latency_bins.items())
+        out["ttft_bins"] = list(self.ttft_bins.items())
+        return out
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> Totals:
+        totals = cls(**{k: v for k, v in data.items() if not k.endswith("_bins")})
+        totals.latency_bins = {int(b): int(n) for b, n in data.get("latency_bins", ())}
+        totals.ttft_bins = {int(b): int(n) for b, n in data.get("ttft_bins", ())}
+        return totals
 
     def percentile(self, q: float) -> float | None:
-        if not self.latency_count:
-            return None
-        rank = q * self.latency_count
-        seen = 0
-        for b in sorted(self.latency_bins):
-            seen += self.latency_bins[b]
-            if seen >= rank:
-                return round(math.exp((b + 0.5) * BIN), 3)  # the bin's middle
-        return None  # pragma: no cover - rank <= count always ends the loop
+        return _percentile(self.latency_bins, self.latency_count, q)
 
     def row(self) -> dict[str, Any]:
         return {
             "requests": self.requests,
             "tokens": self.tokens,
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens,
             "cost_usd": round(self.cost_usd, 9),
             "saved_usd": round(self.saved_usd, 9),
+            "cache_hits": self.cache_hits,
             "cache_hit_rate": round(self.cache_hits / self.cacheable, 4)
             if self.cacheable
             else None,
+            "prompt_cache_share": round(self.cached_tokens / self.prompt_tokens, 4)
+            if self.prompt_tokens
+            else None,
+            "errors": self.errors,
             "error_rate": round(self.errors / self.requests, 4) if self.requests else None,
+            "budget_refusals": self.budget_refusals,
+            "rate_limit_refusals": self.rate_limit_refusals,
+            "upstream_429": self.upstream_429,
             "images": self.images,
             "audio_minutes": round(self.audio_seconds / 60, 3),
             "unpriced": self.unpriced,
             "p50_ms": self.percentile(0.50),
             "p95_ms": self.percentile(0.95),
+            "p99_ms": self.percentile(0.99),
+            "ttft_p50_ms": _percentile(self.ttft_bins, self.ttft_count, 0.50),
+            "ttft_p95_ms": _percentile(self.ttft_bins, self.ttft_count, 0.95),
+            "ttft_p99_ms": _percentile(self.ttft_bins, self.ttft_count, 0.99),
         }
 
 
@@ -171,6 +275,9 @@ class Report:
     outside: int = 0  # lines outside --since/--until
     foreign: int = 0  # JSON lines that are not usage records (an operational log, ...)
     first_foreign: str | None = None  # where the first one was, and why it is not a record
+    error_codes: dict[str, int] = field(default_factory=dict)  # what went wrong, how often
+    # also shown every record in the window (the HTML report's panels, the what-if estimates)
+    consumers: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
 
     def feed(self, lines: Iterable[bytes], source: str = "-") -> None:
         for n, line in enumerate(lines, 1):
@@ -198,12 +305,17 @@ class Report:
                     self.outside += 1
                     continue
             self.total.add(record)
+            code = error_code(record)
+            if code is not None:
+                self.error_codes[code] = self.error_codes.get(code, 0) + 1
+            for consumer in self.consumers:
+                consumer(record)
             if self.by:
-                key = tuple(_group(record, name) for name in self.by)
-                totals = self.groups.get(key)
-                if totals is None:
-                    totals = self.groups[key] = Totals()
-                totals.add(record)
+                for key in itertools.product(*(_groups(record, name) for name in self.by)):
+                    totals = self.groups.get(key)
+                    if totals is None:
+                        totals = self.groups[key] = Totals()
+                    totals.add(record)
 
     def rows(self) -> Iterator[dict[str, Any]]:
         for key in sorted(self.groups, key=lambda k: (-self.groups[k].cost_usd, k)):
@@ -214,13 +326,26 @@ class Report:
         yield {**names, **self.total.row()}
 
 
-def _group(record: dict[str, Any], name: str) -> str:
-    if name == "day":
+def _groups(record: dict[str, Any], name: str) -> tuple[str, ...]:
+    """The group(s) of ``name`` a record is in: one, but for ``tag`` (each of its tags)."""
+    if name == "tag":
+        tags = record.get("tags")
+        if isinstance(tags, list) and tags:
+            return tuple(dict.fromkeys(str(t) for t in tags))
+        return ("-",)
+    return (group(record, name),)
+
+
+def group(record: dict[str, Any], name: str) -> str:
+    if name in TIME_GROUPS:
         ts = record.get("ts")
-        return ts[:10] if isinstance(ts, str) else "-"
+        return ts[: TIME_GROUPS[name]] if isinstance(ts, str) else "-"
     field_ = ("key_alias", "key") if name == "key" else (name,)
     value = next((record[f] for f in field_ if record.get(f) is not None), None)
     return str(value) if value is not None else "-"
+
+
+TIME_GROUPS = {"day": 10, "hour": 13, "minute": 16}  # the ts's first characters: 2026-12-01T10:05
 
 
 COLUMNS = (
@@ -250,22 +375,20 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     return fmt.format(value)
 
 
-def render(report: Report, fmt: str, out: IO[str]) -> None:
+def render(report: Report, fmt: str, out: IO[str], what_if: dict[str, Any] | None = None) -> None:
     rows = list(report.rows())
     if fmt == "json":
-        out.write(
-            orjson.dumps(
-                {
-                    "by": list(report.by),
-                    "groups": rows[:-1],
-                    "total": rows[-1],
-                    "skipped_lines": report.skipped,
-                    "outside_window": report.outside,
-                },
-                option=orjson.OPT_INDENT_2,
-            ).decode()
-            + "\n"
-        )
+        data = {
+            "by": list(report.by),
+            "groups": rows[:-1],
+            "total": rows[-1],
+            "error_codes": top_errors(report.error_codes),
+            "skipped_lines": report.skipped,
+            "outside_window": report.outside,
+        }
+        if what_if is not None:
+            data["what_if"] = what_if
+        out.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
     if fmt == "csv":
         writer = csv.DictWriter(out, fieldnames=list(rows[-1]))
@@ -296,6 +419,11 @@ def render(report: Report, fmt: str, out: IO[str]) -> None:
         if i == len(table) - 1 and n:
             out.write("  ".join("-" * w for w in widths) + "\n")
         out.write(line(r) + "\n")
+
+
+def top_errors(codes: dict[str, int], n: int = 20) -> dict[str, int]:
+    """The ``n`` most frequent error codes, most frequent first."""
+    return dict(sorted(codes.items(), key=lambda kv: (-kv[1], kv[0]))[:n])
 
 
 def time_window(since: str | None, until: str | None) -> tuple[float | None, float | None]:

@@ -150,6 +150,9 @@ class Count:
     # a Responses request built on earlier state (``previous_response_id``, ``conversation``,
     # item references): only what it sends is counted, a lower bound of its prompt
     partial: bool = False
+    # the tokens of each chat message (each Responses ``input`` item) of a long conversation
+    # (more than SIZES_FROM of them; else empty): what trimming it would save (``proxy.whatif``)
+    sizes: tuple[int, ...] = ()
 
     @property
     def source(self) -> str:
@@ -201,10 +204,18 @@ def _text(enc: tiktoken.Encoding, value: Any) -> int:
     return len(enc.encode_ordinary(json.dumps(value, separators=(",", ":"))))
 
 
-def count_messages(enc: tiktoken.Encoding, messages: list[Any]) -> tuple[int, bool]:
-    """OpenAI's recipe: 3 tokens per message, 1 per name, 3 to prime the reply."""
+SIZES_FROM = 5  # a conversation longer than this has its messages' sizes kept (``Count.sizes``)
+
+
+def count_messages(
+    enc: tiktoken.Encoding, messages: list[Any], sizes: list[int] | None = None
+) -> tuple[int, bool]:
+    """OpenAI's recipe: 3 tokens per message, 1 per name, 3 to prime the reply. ``sizes``: each
+    message's tokens are appended to it (0 for what is not a message)."""
     total, approximate = 3, False
     for message in messages:
+        if sizes is not None:
+            sizes.append(total)  # turned into this message's own tokens below
         if not isinstance(message, dict):
             continue
         total += 3
@@ -227,6 +238,9 @@ def count_messages(enc: tiktoken.Encoding, messages: list[Any]) -> tuple[int, bo
                 total += _text(enc, value)
             if key == "name":
                 total += 1
+    if sizes is not None:  # the running totals before each message -> each message's tokens
+        ends = [*sizes[1:], total]
+        sizes[:] = [end - start for start, end in zip(sizes, ends, strict=True)]
     return total, approximate
 
 
@@ -260,12 +274,17 @@ def count_tools(enc: tiktoken.Encoding, tools: list[Any]) -> int:
 _REFERENCE_ITEMS = frozenset({"item_reference"})
 
 
-def count_items(enc: tiktoken.Encoding, items: list[Any]) -> tuple[int, bool, bool]:
+def count_items(
+    enc: tiktoken.Encoding, items: list[Any], sizes: list[int] | None = None
+) -> tuple[int, bool, bool]:
     """A Responses ``input`` list: messages are counted as chat messages (3 tokens each, 1 for the
     role, their parts); function calls by name and arguments, their outputs by text, any other
-    item by its JSON (approximate). Returns (tokens, parts estimated, partial)."""
+    item by its JSON (approximate). Returns (tokens, parts estimated, partial). ``sizes``: each
+    item's tokens are appended to it."""
     total, estimated, partial = 0, False, False
     for item in items:
+        if sizes is not None:
+            sizes.append(total)
         if not isinstance(item, dict):
             continue
         kind = item.get("type", "message")
@@ -288,13 +307,18 @@ def count_items(enc: tiktoken.Encoding, items: list[Any]) -> tuple[int, bool, bo
         else:  # reasoning, tool calls of built-in tools, ...: their JSON, as an estimate
             total += 3 + _text(enc, {k: v for k, v in item.items() if k != "id"})
             estimated = True
+    if sizes is not None:
+        ends = [*sizes[1:], total]
+        sizes[:] = [end - start for start, end in zip(sizes, ends, strict=True)]
     return total, estimated, partial
 
 
 _MSG = frozenset({"role", "content", "name"})
 
 
-def count_responses(enc: tiktoken.Encoding, body: dict[str, Any]) -> tuple[int, bool, bool]:
+def count_responses(
+    enc: tiktoken.Encoding, body: dict[str, Any], sizes: list[int] | None = None
+) -> tuple[int, bool, bool]:
     """A Responses request: ``instructions`` as a system message, ``input`` (a string is one user
     message; a list is items), the tools, the structured-output schema, 3 tokens to prime the
     reply. (tokens, parts estimated, partial)."""
@@ -311,7 +335,7 @@ def count_responses(enc: tiktoken.Encoding, body: dict[str, Any]) -> tuple[int, 
     )
     for items in (instructions, value):
         if isinstance(items, list):
-            tokens, approx, refers = count_items(enc, items)
+            tokens, approx, refers = count_items(enc, items, sizes if items is value else None)
             total += tokens
             estimated |= approx
             partial |= refers
@@ -449,18 +473,22 @@ def count_request(endpoint: str, body: dict[str, Any], model: str | None = None)
     enc = encoding(name)
     estimated = False
     partial = False
+    listed = body.get("input" if endpoint == RESPONSES else "messages")
+    sizes: list[int] | None = [] if isinstance(listed, list) and len(listed) > SIZES_FROM else None
     if endpoint == RESPONSES:
-        tokens, estimated, partial = count_responses(enc, body)
+        tokens, estimated, partial = count_responses(enc, body, sizes)
     elif endpoint.endswith("/embeddings"):
         tokens = count_embeddings_input(enc, body.get("input"))
     elif endpoint.endswith("/completions") and "messages" not in body:
         tokens = count_embeddings_input(enc, body.get("prompt", ""))
     else:
-        tokens, estimated = count_messages(enc, body.get("messages") or [])
+        tokens, estimated = count_messages(enc, body.get("messages") or [], sizes)
         tools = body.get("tools") or body.get("functions") or []
         if isinstance(tools, list) and tools:
             tokens += count_tools(enc, tools)
-    return Count(tokens, name, approximate or estimated, estimated, partial)
+    return Count(
+        tokens, name, approximate or estimated, estimated, partial, tuple(sizes) if sizes else ()
+    )
 
 
 _UNCOUNTABLE = (TypeError, ValueError, AttributeError, RecursionError, KeyError)

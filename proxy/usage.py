@@ -21,10 +21,12 @@ import structlog
 from aiohttp import web
 
 from proxy.alerts import Alerts
+from proxy.context import RequestContext
 from proxy.metrics import Metrics
 from proxy.outcome import Outcome
 from proxy.store import REDIS, RedisGuard
-from proxy.types import Part
+from proxy.summary import Summary
+from proxy.types import Clock, Part
 
 log = structlog.get_logger("thriftgate.usage")
 
@@ -74,11 +76,17 @@ class UsageLog(Part):
         access: Callable[[dict[str, Any]], None] | None = None,
         redis_stream: str = "",
         redis_maxlen: int = 0,
+        hasher: Callable[[RequestContext], str | None] | None = None,
+        summary: Summary | None = None,
+        clock: Clock = time.time,
     ) -> None:
         self.enabled = enabled and stream is not None
         self.access = access  # console mode: one short line per request for a person
         self.metrics = metrics  # every record is counted there too (even with the log off)
         self.alerts = alerts  # ...and watched by the alert rules
+        self.hasher = hasher  # the request_hash of an answered request the cache did not key
+        self.summary = summary  # /dashboard's numbers
+        self.clock = clock  # the lines' ``ts``
         self.redis: RedisGuard | None = None  # with ``redis_stream``: XADD there too
         self.redis_stream = redis_stream  # with Redis configured: every record XADDed there too
         self.redis_maxlen = redis_maxlen
@@ -94,8 +102,7 @@ class UsageLog(Part):
         self._second_text = ""
         self._failed = False
 
-    def _ts(self) -> str:
-        now = time.time()
+    def _ts(self, now: float) -> str:
         second = int(now)
         if second != self._second:
             self._second = second
@@ -103,16 +110,27 @@ class UsageLog(Part):
         return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
 
     def write(self, outcome: Outcome) -> None:
-        if not self.enabled and self.metrics is None and self.alerts is None and not self.access:
+        if (
+            not self.enabled
+            and self.metrics is None
+            and self.alerts is None
+            and self.summary is None
+            and not self.access
+        ):
             return
         try:
-            record = outcome.line(self._ts())
+            if self.hasher is not None and outcome.status < 300:
+                self.hasher(outcome.ctx)
+            now = self.clock()
+            record = outcome.line(self._ts(now))
             if self.access is not None:
                 self.access(record)
             if self.metrics is not None:
                 self.metrics.observe_request(record)
             if self.alerts is not None:
                 self.alerts.observe(record)
+            if self.summary is not None:
+                self.summary.add(record, now)
             if not self.enabled:
                 return
             self._pending.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))

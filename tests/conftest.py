@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -397,3 +400,41 @@ async def raw_http(url: str, raw: bytes, within: float = 10) -> tuple[int, dict[
     finally:
         writer.close()
     return status, headers, body
+
+
+# -- the real program, as a process of its own --------------------------------------------------
+class Served:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc = proc
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+
+    async def ready(self, within: float = 15) -> None:
+        """Wait until the process answers /healthz (it has no other way to say it is up)."""
+        async with asyncio.timeout(within), aiohttp.ClientSession() as s:
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"exited early: {self.log.read_text()}")
+                try:
+                    async with s.get(self.url + "/healthz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.05)
+
+    async def wait(self, within: float = 30) -> int:
+        return await asyncio.wait_for(asyncio.to_thread(self.proc.wait), within)
+
+
+def start(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Served:
+    port = free_port()
+    log = tmp_path / f"serve-{port}.log"
+    with log.open("wb") as err, log.with_suffix(".usage").open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--port", str(port), *args],
+            stdout=out,
+            stderr=err,
+            env={**os.environ, **(env or {})},
+        )
+    return Served(proc, port, log)
