@@ -57,7 +57,10 @@ async def loop(kind: str, count: int) -> None:
     up_site = web.TCPSite(up_runner, "127.0.0.1", 0)
     await up_site.start()
     up_port = up_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    settings = load_settings(env={"THRIFTGATE_UPSTREAM_URL": f"http://127.0.0.1:{up_port}/v1"})
+    # THRIFTGATE_* settings from the environment apply (THRIFTGATE_DASHBOARD=false, ...)
+    env = {k: v for k, v in os.environ.items() if k.startswith("THRIFTGATE_")}
+    env["THRIFTGATE_UPSTREAM_URL"] = f"http://127.0.0.1:{up_port}/v1"
+    settings = load_settings(env=env)
     with open(os.devnull, "wb") as devnull:  # noqa: ASYNC230 - opened once, before the loop
         app = create_app(settings, usage_stream=devnull)
         runner = web.AppRunner(app, access_log=None)

@@ -263,6 +263,9 @@ def usage_report(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.cache_ttl < 0:
+        print("thriftgate: --cache-ttl must be 0 or more seconds", file=sys.stderr)
+        return 2
     report = Report(tuple(dict.fromkeys(args.by)), since, until)
     summary = whatif = None
     if args.html:

@@ -1,14 +1,15 @@
 """The numbers of the savings pages (``thriftgate usage --html`` and the live ``/dashboard``):
 totals, the same totals per model, key, tag and endpoint, a time series, the error codes.
 
-A record is counted once, in its *cell* (its model, key, endpoint and tags; ``report.Totals``:
-counters and log-scale histograms) and its time slot; the per-dimension rows are the cells added
-up when a page is drawn. That keeps the cost per request small (``/dashboard`` counts every one)
-and the memory constant whatever the log's size: at most ``MAX_CELLS`` cells (past that, a new
-combination is counted under the names already seen, ``(other)`` for a new one), and time slots
-that start a minute wide and are merged into hours, then days, once there are more than
-``MAX_SLOTS``. A worker's summary is ``dump``-ed for the others, which ``merge`` it
-(``/dashboard`` with ``--workers``).
+A record is counted in its *cell* (its model, endpoint and whether it has tags; a
+``report.Totals``: counters and log-scale histograms), in its key's row, in each of its tags'
+rows and in its time slot; the model, endpoint and untagged rows and the total are the cells
+added up when a page is drawn. That keeps the cost per request small (``/dashboard`` counts every
+one) and the memory constant whatever the log's size: at most ``MAX_GROUPS`` models and
+endpoints, ``MAX_KEYS`` keys and ``MAX_TAGS`` tags (the rest are an ``(other)`` row), and time
+slots that start a minute wide and are merged into hours, then days, once there are more than
+``MAX_SLOTS``. A worker's summary
+is ``dump``-ed for the others, which ``merge`` it (``/dashboard`` with ``--workers``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.report import Totals, _groups, _ts, error_code, top_errors
+from proxy.report import Facts, Totals, _groups, _ts, error_code, group, top_errors
 
 DIMENSIONS = ("model", "key", "tag", "endpoint")
-MAX_CELLS = 2000  # distinct (model, key, endpoint, tags); the rest are counted as described above
+MAX_GROUPS = 200  # distinct models, and endpoints; the rest are counted under OTHER
+MAX_KEYS = 2000  # distinct keys (aliases); the rest are counted under OTHER
+MAX_TAGS = 500  # distinct tags; the rest are counted under OTHER
+MAX_CELLS = 2000  # distinct (model, endpoint, tagged): past that, one more (OTHER, OTHER) cell
 OTHER = "(other)"
+UNTAGGED = ("-",)  # the tag group of a request without tags (as ``thriftgate usage --by tag``)
 MAX_CODES = 200  # distinct error codes kept; the rest are counted under OTHER
 RESOLUTIONS = (
     (60, "minute", "%Y-%m-%dT%H:%M"),
@@ -45,9 +50,9 @@ class Slot:
     cacheable: int = 0
     errors: int = 0
 
-    def add(self, part: tuple[int, float, float, int, int, int]) -> None:
-        """One record, as ``Totals.add`` counted it."""
-        tokens, cost, saved, cacheable, hit, error = part
+    def add(self, f: Facts) -> None:
+        """One record, by its ``report.facts``."""
+        tokens, cost, saved, cacheable, hit, error = f[:6]
         self.requests += 1
         self.tokens += tokens
         self.cost_usd += cost
@@ -75,14 +80,21 @@ class Slot:
 
 @dataclass(slots=True)
 class Cell:
-    names: tuple[tuple[str, ...], ...]  # its group(s) in each of DIMENSIONS
+    model: str
+    endpoint: str
+    tagged: bool  # its requests have tags (counted again per tag); else their tag group is "-"
     totals: Totals = field(default_factory=Totals)
 
 
 @dataclass(slots=True)
 class Summary:
+    # (model, endpoint, tagged) -> counts: the total, the model and endpoint rows, the "-" tag
     cells: dict[Any, Cell] = field(default_factory=dict)
-    seen: dict[str, set[str]] = field(default_factory=lambda: {d: set() for d in DIMENSIONS})
+    keys: dict[str, Totals] = field(default_factory=dict)  # the key rows (the alias if any)
+    tags: dict[str, Totals] = field(default_factory=dict)  # the rows of the tags requests had
+    models: set[str] = field(default_factory=set)  # the names the cells have, each capped
+    endpoints: set[str] = field(default_factory=set)
+    made: int = 0  # distinct cells (``cells`` also files some under a second ident)
     resolution: int = 60  # seconds per slot
     slots: dict[int, Slot] = field(default_factory=dict)  # slot start (POSIX seconds) -> counters
     error_codes: dict[str, int] = field(default_factory=dict)
@@ -93,21 +105,28 @@ class Summary:
         """One usage record; ``at``: its time (else read from its ``ts``)."""
         get = record.get
         tags = get("tags")
-        alias = get("key_alias")
-        ident = (
-            get("model"),
-            alias if alias is not None else get("key"),
-            get("endpoint"),
-            tuple(tags) if type(tags) is list else tags,
-        )
+        tagged = type(tags) is list and len(tags) > 0
+        ident = (get("model"), get("endpoint"), tagged)
         try:
             cell = self.cells.get(ident)
         except TypeError:  # a value that is not hashable (a hand-edited log): by its names
-            ident = tuple(_groups(record, d) for d in DIMENSIONS)
+            ident = (group(record, "model"), group(record, "endpoint"), tagged)
             cell = self.cells.get(ident)
         if cell is None:
-            cell = self._cell(ident, record)
+            cell = self._cell(ident, record, tagged)
         part = cell.totals.add(record)
+        alias = get("key_alias")
+        key = alias if alias is not None else get("key")
+        totals = self.keys.get(key) if type(key) is str else None
+        if totals is None:
+            totals = _row(self.keys, group(record, "key"), MAX_KEYS)
+        totals.apply(part)
+        if tagged:
+            for name in _groups(record, "tag"):
+                totals = self.tags.get(name)
+                if totals is None:
+                    totals = _row(self.tags, name, MAX_TAGS)
+                totals.apply(part)
         if part[5] or get("error") is not None:
             code = error_code(record)
             if code is not None:
@@ -120,23 +139,18 @@ class Summary:
             if self.last is None or when > self.last:
                 self.last = when
 
-    def _cell(self, ident: Any, record: dict[str, Any]) -> Cell:
-        names = tuple(_groups(record, d) for d in DIMENSIONS)
-        if len(self.cells) >= MAX_CELLS:  # full: names already seen, or (other)
-            names = tuple(
-                tuple(n if n in self.seen[d] else OTHER for n in group)
-                for d, group in zip(DIMENSIONS, names, strict=True)
-            )
-            if len(self.cells) >= 2 * MAX_CELLS:  # and the combinations of those: one cell
-                names = ((OTHER,),) * len(DIMENSIONS)
-            ident = names
-            found = self.cells.get(ident)
-            if found is not None:
-                return found
-        else:
-            for d, group in zip(DIMENSIONS, names, strict=True):
-                self.seen[d].update(group)
-        cell = self.cells[ident] = Cell(names)
+    def _cell(self, ident: Any, record: dict[str, Any], tagged: bool) -> Cell:
+        model = _capped(self.models, group(record, "model"), MAX_GROUPS)
+        endpoint = _capped(self.endpoints, group(record, "endpoint"), MAX_GROUPS)
+        if self.made >= MAX_CELLS:  # a flood of odd models and paths: one more cell
+            model = endpoint = OTHER
+        names = (model, endpoint, tagged)
+        cell = self.cells.get(names)
+        if cell is None:
+            cell = self.cells[names] = Cell(model, endpoint, tagged)
+            self.made += 1
+        if ident != names and len(self.cells) < 2 * MAX_CELLS:
+            self.cells[ident] = cell  # found at once next time (the same cell, twice)
         return cell
 
     def _count_error(self, code: str, n: int) -> None:
@@ -162,11 +176,19 @@ class Summary:
 
     # -- across workers ---------------------------------------------------------------------------
     def merge(self, other: Summary) -> None:
-        for cell in other.cells.values():
-            mine = self.cells.get(cell.names)
+        for cell in other.unique_cells():
+            names = (cell.model, cell.endpoint, cell.tagged)
+            mine = self.cells.get(names)
             if mine is None:
-                mine = self.cells[cell.names] = Cell(cell.names)
+                mine = self.cells[names] = Cell(*names)
+                self.made += 1
             mine.totals.merge(cell.totals)
+        for mine, theirs, cap in (
+            (self.keys, other.keys, MAX_KEYS),
+            (self.tags, other.tags, MAX_TAGS),
+        ):
+            for name, totals in theirs.items():
+                (mine.get(name) or _row(mine, name, cap)).merge(totals)
         for code, n in other.error_codes.items():
             self._count_error(code, n)
         if other.resolution > self.resolution:
@@ -180,9 +202,17 @@ class Summary:
         if other.last is not None:
             self.last = other.last if self.last is None else max(self.last, other.last)
 
+    def unique_cells(self) -> list[Cell]:
+        """Each cell once (a cell can be filed under two idents)."""
+        return list({id(c): c for c in self.cells.values()}.values())
+
     def dump(self) -> dict[str, Any]:
         return {
-            "cells": [[c.names, c.totals.dump()] for c in self.cells.values()],
+            "cells": [
+                [c.model, c.endpoint, c.tagged, c.totals.dump()] for c in self.unique_cells()
+            ],
+            "keys": {name: totals.dump() for name, totals in self.keys.items()},
+            "tags": {name: totals.dump() for name, totals in self.tags.items()},
             "resolution": self.resolution,
             "slots": [
                 [start, *(getattr(s, n) for n in Slot.__slots__)]  # type: ignore[attr-defined]
@@ -197,11 +227,14 @@ class Summary:
     def load(cls, data: dict[str, Any]) -> Summary:
         names = Slot.__slots__  # type: ignore[attr-defined]
         cells = {}
-        for groups, totals in data["cells"]:
-            key = tuple(tuple(str(n) for n in group) for group in groups)
-            cells[key] = Cell(key, Totals.load(totals))
+        for model, endpoint, tagged, totals in data["cells"]:
+            cell = Cell(str(model), str(endpoint), bool(tagged), Totals.load(totals))
+            cells[(cell.model, cell.endpoint, cell.tagged)] = cell
         return cls(
             cells=cells,
+            made=len(cells),
+            keys={str(name): Totals.load(t) for name, t in data["keys"].items()},
+            tags={str(name): Totals.load(t) for name, t in data["tags"].items()},
             resolution=int(data["resolution"]),
             slots={int(s[0]): Slot(**dict(zip(names, s[1:], strict=True))) for s in data["slots"]},
             error_codes=dict(data["error_codes"]),
@@ -210,18 +243,21 @@ class Summary:
         )
 
     def groups(self) -> tuple[Totals, dict[str, dict[str, Totals]]]:
-        """The total and the rows of each dimension, added up from the cells."""
+        """The total and the rows of each dimension."""
         total = Totals()
-        groups: dict[str, dict[str, Totals]] = {d: {} for d in DIMENSIONS}
-        for cell in self.cells.values():
+        groups: dict[str, dict[str, Totals]] = {
+            "model": {},
+            "key": self.keys,
+            "tag": dict(self.tags),
+            "endpoint": {},
+        }
+        for cell in self.unique_cells():
             total.merge(cell.totals)
-            for d, names in zip(DIMENSIONS, cell.names, strict=True):
-                rows = groups[d]
-                for name in names:
-                    row = rows.get(name)
-                    if row is None:
-                        row = rows[name] = Totals()
-                    row.merge(cell.totals)
+            rows = [groups["model"], cell.model], [groups["endpoint"], cell.endpoint]
+            if not cell.tagged:
+                rows = (*rows, [groups["tag"], UNTAGGED[0]])
+            for table, name in rows:
+                table.setdefault(name, Totals()).merge(cell.totals)
         return total, groups
 
     # -- what the pages show ----------------------------------------------------------------------
@@ -265,6 +301,22 @@ class Summary:
             slot = merged.get(start, Slot())
             slots.append({"label": time.strftime(fmt, time.gmtime(start)), **slot.row()})
         return {"resolution": name, "slots": slots}
+
+
+def _row(rows: dict[str, Totals], name: str, cap: int) -> Totals:
+    """The row of ``name`` (new, or OTHER's once there are ``cap`` rows)."""
+    found = rows.get(name)
+    if found is None:
+        found = rows.setdefault(name if len(rows) < cap else OTHER, Totals())
+    return found
+
+
+def _capped(seen: set[str], name: str, cap: int) -> str:
+    if name not in seen:
+        if len(seen) >= cap:
+            return OTHER
+        seen.add(name)
+    return name
 
 
 def _top(groups: dict[str, Totals], rows: int) -> list[tuple[str, Totals]]:

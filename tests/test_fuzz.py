@@ -242,3 +242,35 @@ async def test_fuzzed_paths(fuzz_proxy: Proxy, fake: FakeOpenAI, tail: str, meth
     for seen in fake.requests[before:]:  # what went upstream stayed under the base
         assert seen.path.startswith("/v1/")
         assert ".." not in seen.path.split("?")[0].split("/")
+
+
+DASHBOARD_TOKEN = "fuzz-admin-token-0123456789"
+
+
+@pytest.fixture
+async def admin_proxy(make_proxy: MakeProxy) -> Proxy:
+    return await make_proxy(env={"THRIFTGATE_ADMIN_TOKEN": DASHBOARD_TOKEN})
+
+
+@FUZZ
+@given(
+    form=st.binary(max_size=300)
+    | st.dictionaries(st.sampled_from(["token", "username", "x"]), odd_text, max_size=3).map(
+        lambda d: "&".join(f"{k}={v}" for k, v in d.items()).encode("utf-8", "surrogatepass")
+    ),
+    content_type=st.sampled_from(
+        [b"application/x-www-form-urlencoded", b"multipart/form-data", b"text/plain", b"\xff"]
+    ),
+    cookie=st.binary(max_size=120),
+)
+async def test_fuzzed_dashboard_logins(
+    admin_proxy: Proxy, form: bytes, content_type: bytes, cookie: bytes
+) -> None:
+    """A login form or a session cookie that is not the admin token's never opens the dashboard,
+    never sets a session, and never makes the proxy fail."""
+    raw = request("POST", "/dashboard/login", [(b"Content-Type", content_type)], form)
+    status, headers, body = await raw_http(admin_proxy.url, raw)
+    assert status == 401 and "set-cookie" not in headers, (status, body[:200])
+    raw = request("GET", "/dashboard", [(b"Cookie", b"thriftgate_dashboard=" + cookie)])
+    status, _, body = await raw_http(admin_proxy.url, raw)
+    assert status in (400, 401) and b"data-k" not in body, (status, body[:200])

@@ -19,7 +19,7 @@ from fake_openai import FakeOpenAI
 from traffic import HOUR, START, config, one_round
 
 from proxy.pages import count, shown, usd
-from proxy.summary import MAX_CELLS, MAX_SLOTS, Summary
+from proxy.summary import MAX_GROUPS, MAX_KEYS, MAX_SLOTS, Summary
 
 SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 DIMENSIONS = ("model", "key", "tag", "endpoint")
@@ -184,11 +184,12 @@ def test_the_summary_stays_small_and_merges_exactly() -> None:
     assert merged.view() == whole.view()
     assert whole.view()["total"]["requests"] == 3000
     many = Summary()
-    for i in range(3 * MAX_CELLS):  # a new key every request: the cells stay bounded
-        many.add({**records[0], "key": f"key-{i}"})
-    assert len(many.cells) <= 2 * MAX_CELLS + 1
+    for i in range(3 * MAX_KEYS):  # a new key and a new model every request
+        many.add({**records[0], "key": f"key-{i}", "model": f"model-{i}"})
     total, groups = many.groups()
-    assert total.requests == 3 * MAX_CELLS
-    assert len(groups["key"]) == MAX_CELLS + 1  # the keys seen first, and (other)
-    assert groups["key"]["(other)"].requests == 2 * MAX_CELLS
-    assert groups["model"] == {"m0": total}  # a model seen before is still counted as itself
+    assert total.requests == 3 * MAX_KEYS
+    assert len(groups["key"]) == MAX_KEYS + 1  # the keys seen first, and (other)
+    assert groups["key"]["(other)"].requests == 2 * MAX_KEYS
+    assert len(groups["model"]) == MAX_GROUPS + 1
+    assert groups["model"]["(other)"].requests == 3 * MAX_KEYS - MAX_GROUPS
+    assert len(many.unique_cells()) == MAX_GROUPS + 1  # whatever came: bounded
