@@ -79,6 +79,10 @@ class Browser:
         await self.size(int(width), int(height) + 140)
         return base64.b64decode(await self._call("GET", "/screenshot"))
 
+    async def pdf(self) -> bytes:
+        """The page printed (A4-ish paper, Chromium's print path and the page's print CSS)."""
+        return base64.b64decode(await self._call("POST", "/print", {"background": True}))
+
     async def console(self) -> list[dict[str, Any]]:
         """What the page wrote to its console (errors included) since the last call."""
         return list(await self._call("POST", "/se/log", {"type": "browser"}) or [])

@@ -6,6 +6,7 @@ error and requests nothing, on a desktop and on a phone. Screenshots go to docs/
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -116,6 +117,9 @@ async def test_the_report_shows_what_the_cli_computes(day_log: Path, tmp_path: P
         assert await browser.requests() == [report.as_uri()]
         SHOTS.mkdir(parents=True, exist_ok=True)
         (SHOTS / "report.png").write_bytes(await browser.screenshot())
+        printed = await browser.pdf()  # it prints: a few pages of paper
+        assert printed.startswith(b"%PDF")
+        assert 1 <= len(re.findall(rb"/Type\s*/Page\b(?!s)", printed)) <= 8
     async with chromium(width=390, height=844) as phone:
         await phone.open(report.as_uri())
         # nothing is wider than the phone's screen but the tables, which scroll on their own
