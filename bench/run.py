@@ -84,11 +84,15 @@ def cpu_seconds(pid: int) -> float:
 
 @contextmanager
 def process(
-    args: list[str], port: int, env: dict[str, str] | None = None, cpu: int | None = None
+    args: list[str],
+    port: int,
+    env: dict[str, str] | None = None,
+    cpu: int | None = None,
+    cwd: Path = ROOT,
 ) -> Iterator[int]:
     proc = subprocess.Popen(
         pinned(cpu, args),
-        cwd=ROOT,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
