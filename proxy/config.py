@@ -99,6 +99,7 @@ class ServerSettings:
     max_body_bytes: Size = 100 * 1024 * 1024  # a larger request body (decoded) gets 413
     admin_token: str | None = field(default=None, repr=False)  # protects /metrics when set
     dashboard: bool = True  # /dashboard (off: not served, and nothing counted for it)
+    dashboard_refresh_s: Annotated[int, at_least(1)] = 10  # how often the page reloads itself
     metrics_dir: str | None = None  # workers share their counters here (set by --workers N)
     # the HMAC key of the tenant scope (cache, budgets, limits); every replica sharing a Redis
     # must use the same one. The default is public: set your own so that what is stored in Redis
@@ -443,6 +444,7 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("server", "max_body_bytes"): ("THRIFTGATE_MAX_BODY_BYTES",),
     ("server", "admin_token"): ("THRIFTGATE_ADMIN_TOKEN",),
     ("server", "dashboard"): ("THRIFTGATE_DASHBOARD",),
+    ("server", "dashboard_refresh_s"): ("THRIFTGATE_DASHBOARD_REFRESH_S",),
     ("server", "metrics_dir"): ("THRIFTGATE_METRICS_DIR",),
     ("server", "scope_secret"): ("THRIFTGATE_SCOPE_SECRET",),
     ("server", "header_timeout_s"): ("THRIFTGATE_HEADER_TIMEOUT_S",),

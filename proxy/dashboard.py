@@ -26,7 +26,6 @@ SUMMARY: web.AppKey[Summary] = web.AppKey("summary", Summary)
 
 COOKIE = "thriftgate_dashboard"
 SESSION_S = 12 * 3600
-REFRESH_S = 10
 MAX_FORM_BYTES = 4096
 HEADERS = {
     "Content-Security-Policy": CSP + "; frame-ancestors 'none'",
@@ -87,8 +86,9 @@ async def show(request: web.Request) -> web.Response:
         except (KeyError, TypeError, ValueError):
             continue  # a file from another version, or damaged: that worker is left out
     subtitle = "live, this proxy" + (f" ({len(workers) + 1} workers)" if workers else "")
+    refresh = request.app[SETTINGS].server.dashboard_refresh_s
     return _html(
-        page(summary.view(), title="thriftgate dashboard", subtitle=subtitle, refresh_s=REFRESH_S)
+        page(summary.view(), title="thriftgate dashboard", subtitle=subtitle, refresh_s=refresh)
     )
 
 

@@ -25,6 +25,7 @@ from proxy.summary import Summary
 
 TOKEN = "admin-token-for-the-dashboard-0123"
 HOSTILE_TAG = "<img src=x onerror=alert(1)>"
+READ_TOTAL = "return document.querySelector('[data-k=\"total.requests\"]')?.textContent ?? ''"
 
 needs_browser = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver are not installed"
@@ -95,7 +96,11 @@ async def test_the_dashboard_in_a_browser(
 ) -> None:
     wall = [START]
     proxy = await make_proxy(
-        env={"THRIFTGATE_ADMIN_TOKEN": TOKEN, "THRIFTGATE_CONFIG": str(config(tmp_path))},
+        env={
+            "THRIFTGATE_ADMIN_TOKEN": TOKEN,
+            "THRIFTGATE_CONFIG": str(config(tmp_path)),
+            "THRIFTGATE_DASHBOARD_REFRESH_S": "1",
+        },
         wall_clock=lambda: wall[0],
     )
     made = 0
@@ -129,14 +134,19 @@ async def test_the_dashboard_in_a_browser(
         )
         assert HOSTILE_TAG in tags
         assert await browser.console() == []
-        requested = await browser.requests()
-        assert requested == [
-            proxy.url + "/dashboard",
-            proxy.url + "/dashboard/login",
-            proxy.url + "/dashboard",
-        ]
+        requested = await browser.requests()  # the page, the login, the page (and its reloads)
+        assert requested[:2] == [proxy.url + "/dashboard", proxy.url + "/dashboard/login"]
+        assert set(requested[2:]) == {proxy.url + "/dashboard"}
         SHOTS.mkdir(parents=True, exist_ok=True)
         (SHOTS / "dashboard.png").write_bytes(await browser.screenshot())
+        # it refreshes itself: a request made now shows up without anyone reloading the page
+        before = await browser.run(READ_TOTAL)
+        async with openai.AsyncOpenAI(base_url=proxy.base_url, api_key=API_KEY) as client:
+            await client.embeddings.create(model="text-embedding-3-small", input="one more")
+        async with asyncio.timeout(10):
+            while await browser.run(READ_TOTAL) == before:  # noqa: ASYNC110 - the browser reloads
+                await asyncio.sleep(0.2)
+        assert await browser.run(READ_TOTAL) == f"{made + 1:,}"
 
 
 @needs_browser
