@@ -18,6 +18,7 @@ from urllib.parse import parse_qs
 from aiohttp import web
 
 from proxy.admin import is_admin, other_workers
+from proxy.errors import error_response
 from proxy.pages import CSP, login_page, page
 from proxy.summary import Summary
 from proxy.types import SETTINGS
@@ -74,9 +75,16 @@ def _html(body: str, status: int = 200) -> web.Response:
 
 
 async def show(request: web.Request) -> web.Response:
-    if not allowed(request):  # a browser gets the login form; anything else a plain 401
-        browser = "text/html" in request.headers.get("Accept", "")
-        return _html(login_page(), 200 if browser else 401)
+    if not allowed(request):  # a browser gets the login form; anything else a 401 as /metrics
+        if "text/html" in request.headers.get("Accept", ""):
+            return _html(login_page())
+        return error_response(
+            401,
+            "/dashboard needs Authorization: Bearer <THRIFTGATE_ADMIN_TOKEN> (or, in a browser, "
+            "the login form)",
+            "invalid_request_error",
+            "invalid_admin_token",
+        )
     summary = Summary()
     summary.merge(request.app[SUMMARY])
     workers = other_workers(request.app[SETTINGS].server.metrics_dir, ".summary")
