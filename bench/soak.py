@@ -5,6 +5,10 @@ Prints the process's RSS and the size of /metrics after every 5 s of load: both 
 once the bounds are reached (buckets: 100k, local counters: 200k).
 
     python bench/soak.py [--requests 200000] [--connections 16]
+    python bench/soak.py --minutes 10        # a duration instead of a count
+
+With ``--minutes`` it also prints the size of ``/dashboard`` (its rows are capped: every request
+here is a new key and model, the worst case for them).
 
 Needs wrk and the static upstream of bench/run.py (nginx when installed).
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import re
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -29,7 +34,15 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--minutes", type=float, help="run this long instead of --requests")
     args = parser.parse_args()
+    started = time.monotonic()
+
+    def more() -> bool:
+        if args.minutes is not None:
+            return time.monotonic() - started < args.minutes * 60
+        return done < args.requests
+
     up, port = free_port(), free_port()
     env = {  # cache off: its answers are bounded by bytes (max_bytes), not what this measures
         "THRIFTGATE_CACHE": "0",
@@ -41,8 +54,8 @@ def main() -> int:
     with static_upstream(up), thriftgate(port, f"http://127.0.0.1:{up}/v1", **env) as pid:
         print(f"start: RSS {rss_mib(pid):.1f} MiB")
         done = 0
-        print("requests   RSS MiB   /metrics KiB")
-        while done < args.requests:
+        print("requests   RSS MiB   /metrics KiB   /dashboard KiB   minutes")
+        while more():
             out = subprocess.run(
                 pinned(
                     LOAD_CPU,
@@ -63,7 +76,13 @@ def main() -> int:
             done += int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
                 size = len(r.read()) / 1024
-            print(f"{done:8d}   {rss_mib(pid):7.1f}   {size:12.1f}", flush=True)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard") as r:
+                page = len(r.read()) / 1024
+            minutes = (time.monotonic() - started) / 60
+            print(
+                f"{done:8d}   {rss_mib(pid):7.1f}   {size:12.1f}   {page:14.1f}   {minutes:7.1f}",
+                flush=True,
+            )
     return 0
 
 
