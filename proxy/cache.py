@@ -435,12 +435,18 @@ class CacheStage(Stage):
     def _hit(self, ctx: RequestContext, entry: Entry) -> web.Response:
         ctx.cache = "hit"
         ctx.hit_usage = entry.usage
-        ctx.upstream_request_id = dict(entry.headers).get("x-request-id")
         self.metrics.cache["hit"] += 1
-        headers = CIMultiDict(entry.headers)
-        headers[CACHE_HEADER] = "HIT"
-        headers["age"] = str(max(0, int(self.clock() - entry.stored_at)))
-        return web.Response(status=entry.status, body=entry.body, headers=headers)
+        headers = entry.headers  # content-type, openai-*, x-request-id: never these two
+        for name, value in headers:
+            if name == "x-request-id":
+                ctx.upstream_request_id = value
+        age = str(max(0, int(self.clock() - entry.stored_at)))
+        # one header multidict, built by the response (not a copy built here and copied there)
+        return web.Response(
+            status=entry.status,
+            body=entry.body,
+            headers=(*headers, (CACHE_HEADER, "HIT"), ("age", age)),
+        )
 
     def _record(
         self,
