@@ -61,6 +61,8 @@ async def test_second_identical_request_is_a_hit(proxy: Proxy, fake: FakeOpenAI)
     miss, hit = await proxy.usage.wait(2)
     assert (miss["cache"], hit["cache"]) == ("miss", "hit")
     assert hit["total_tokens"] == miss["total_tokens"] == body1["usage"]["total_tokens"]
+    assert hit["upstream_request_id"] == miss["upstream_request_id"] == headers1["x-request-id"]
+    assert hit["request_hash"] == miss["request_hash"] is not None
     assert metric(proxy, "thriftgate_cache_events_total", event="hit") == 1
 
 
