@@ -61,9 +61,9 @@ class AdmissionStage(Stage):
         assert ctx.body is not None
         ctx.output_limit = requested_output(ctx.body)
         if count.sizes:  # a long conversation: what trimming it would save, for --what-if
-            listed = ctx.body.get("input" if ctx.endpoint == RESPONSES else "messages")
             responses = ctx.endpoint == RESPONSES
-            saved = trim_savings(listed, count.sizes, TRIM_KEEPS, items=responses)  # type: ignore[arg-type]
+            listed = ctx.body.get("input" if responses else "messages")
+            saved = trim_savings(listed, count.sizes, TRIM_KEEPS, items=responses)
             if saved:
                 ctx.extra["trim_tokens"] = saved
         self._guard(ctx, count)

@@ -76,11 +76,12 @@ def create_app(
         alerts=alerts,
         redis_stream=settings.usage.redis_stream,
         redis_maxlen=settings.usage.redis_stream_maxlen,
-        hasher=Keyer(settings.cache).request_hash,
         summary=summary,
         clock=wall_clock,
     )
-    context = RequestContextStage(usage_log, keys, settings.server, prices)
+    context = RequestContextStage(
+        usage_log, keys, settings.server, prices, hasher=Keyer(settings.cache).request_hash
+    )
     cache = CacheStage(
         settings.cache,
         metrics,

@@ -142,9 +142,17 @@ class RequestContextStage(Stage):
     its one ``Outcome`` (``proxy.outcome``) and hands it to the settlers and the usage log."""
 
     def __init__(
-        self, usage_log: UsageLog, keys: Keys, server: ServerSettings, prices: PriceTable
+        self,
+        usage_log: UsageLog,
+        keys: Keys,
+        server: ServerSettings,
+        prices: PriceTable,
+        hasher: Callable[[RequestContext], object] | None = None,
     ) -> None:
         self.usage_log = usage_log
+        # the usage line's request_hash of an answered request the cache did not key (off,
+        # bypassed): ``cache.Keyer.request_hash``
+        self.hasher = hasher
         self.prices = prices
         self.keys = keys
         self.server = server  # body size limit and deadline
@@ -295,6 +303,8 @@ class RequestContextStage(Stage):
                 settle(outcome)
             except Exception:  # a settlement never breaks the response or the usage log
                 structlog.get_logger("thriftgate").exception("settle_failed")
+        if self.hasher is not None and outcome.status < 300:
+            self.hasher(ctx)
         self.usage_log.write(outcome)
 
 

@@ -183,12 +183,12 @@ class Summary:
                 mine = self.cells[names] = Cell(*names)
                 self.made += 1
             mine.totals.merge(cell.totals)
-        for mine, theirs, cap in (
+        for rows, theirs, cap in (
             (self.keys, other.keys, MAX_KEYS),
             (self.tags, other.tags, MAX_TAGS),
         ):
             for name, totals in theirs.items():
-                (mine.get(name) or _row(mine, name, cap)).merge(totals)
+                _row(rows, name, cap).merge(totals)
         for code, n in other.error_codes.items():
             self._count_error(code, n)
         if other.resolution > self.resolution:

@@ -215,7 +215,7 @@ def count_messages(
     total, approximate = 3, False
     for message in messages:
         if sizes is not None:
-            sizes.append(total)  # turned into this message's own tokens below
+            sizes.append(total)  # turned into this message's own tokens by _own_sizes
         if not isinstance(message, dict):
             continue
         total += 3
@@ -238,10 +238,15 @@ def count_messages(
                 total += _text(enc, value)
             if key == "name":
                 total += 1
-    if sizes is not None:  # the running totals before each message -> each message's tokens
+    _own_sizes(sizes, total)
+    return total, approximate
+
+
+def _own_sizes(sizes: list[int] | None, total: int) -> None:
+    """``sizes`` holds the running total before each element: make it each element's own."""
+    if sizes is not None:
         ends = [*sizes[1:], total]
         sizes[:] = [end - start for start, end in zip(sizes, ends, strict=True)]
-    return total, approximate
 
 
 def count_tools(enc: tiktoken.Encoding, tools: list[Any]) -> int:
@@ -307,9 +312,7 @@ def count_items(
         else:  # reasoning, tool calls of built-in tools, ...: their JSON, as an estimate
             total += 3 + _text(enc, {k: v for k, v in item.items() if k != "id"})
             estimated = True
-    if sizes is not None:
-        ends = [*sizes[1:], total]
-        sizes[:] = [end - start for start, end in zip(sizes, ends, strict=True)]
+    _own_sizes(sizes, total)
     return total, estimated, partial
 
 

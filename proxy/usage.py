@@ -21,7 +21,6 @@ import structlog
 from aiohttp import web
 
 from proxy.alerts import Alerts
-from proxy.context import RequestContext
 from proxy.metrics import Metrics
 from proxy.outcome import Outcome
 from proxy.store import REDIS, RedisGuard
@@ -76,7 +75,6 @@ class UsageLog(Part):
         access: Callable[[dict[str, Any]], None] | None = None,
         redis_stream: str = "",
         redis_maxlen: int = 0,
-        hasher: Callable[[RequestContext], str | None] | None = None,
         summary: Summary | None = None,
         clock: Clock = time.time,
     ) -> None:
@@ -84,7 +82,6 @@ class UsageLog(Part):
         self.access = access  # console mode: one short line per request for a person
         self.metrics = metrics  # every record is counted there too (even with the log off)
         self.alerts = alerts  # ...and watched by the alert rules
-        self.hasher = hasher  # the request_hash of an answered request the cache did not key
         self.summary = summary  # /dashboard's numbers
         self.clock = clock  # the lines' ``ts``
         self.redis: RedisGuard | None = None  # with ``redis_stream``: XADD there too
@@ -119,8 +116,6 @@ class UsageLog(Part):
         ):
             return
         try:
-            if self.hasher is not None and outcome.status < 300:
-                self.hasher(outcome.ctx)
             now = self.clock()
             record = outcome.line(self._ts(now))
             if self.access is not None:

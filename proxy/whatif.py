@@ -150,21 +150,18 @@ class WhatIf:
         return {
             "answered_requests": self.considered,
             "cache": {
-                **{k: round(v, 9) if isinstance(v, float) else v for k, v in c.items()},
+                **_rounded(c),
                 "hit_rate": round((c["would_hit"] + c["already_hit"]) / c["requests"], 4)
                 if c["requests"]
                 else None,
                 "ttl_s": self.ttl_s,
             },
             "batch": {
-                **{k: round(v, 9) if isinstance(v, float) else v for k, v in self.batch.items()},
+                **_rounded(self.batch),
                 "tags": list(self.batch_tags),
                 "discount": self.prices.batch_discount,
             },
-            "trim": {
-                keep: {k: round(v, 9) if isinstance(v, float) else v for k, v in b.items()}
-                for keep, b in self.trim.items()
-            },
+            "trim": {keep: _rounded(b) for keep, b in self.trim.items()},
             "assumptions": self.assumptions(),
         }
 
@@ -186,6 +183,11 @@ class WhatIf:
             ),
             "The estimates overlap: a request can count in more than one, so they do not add up.",
         ]
+
+
+def _rounded(counts: dict[str, Any]) -> dict[str, Any]:
+    """Dollar sums rounded as ``thriftgate usage`` rounds them (9 places)."""
+    return {k: round(v, 9) if isinstance(v, float) else v for k, v in counts.items()}
 
 
 def render_text(result: dict[str, Any]) -> str:
