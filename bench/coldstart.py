@@ -24,7 +24,7 @@ import aiohttp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import free_port, process, static_upstream  # noqa: E402
+from run import free_port, static_upstream, thriftgate  # noqa: E402
 
 WINDOWS = ((0.0, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, float("inf")))
 TEMPLATE = (
@@ -89,10 +89,7 @@ def main() -> int:
         for r in range(args.rounds):
             for tree in trees if r % 2 == 0 else list(reversed(trees)):
                 port = free_port()
-                command = [sys.executable, "-m", "proxy", "serve", "--port", str(port)]
-                command += ["--upstream", f"http://127.0.0.1:{up}/v1"]
-                env = {"THRIFTGATE_USAGE_LOG": "/dev/null", "PYTHONPATH": str(tree)}
-                with process(command, port, env, cpu=1, cwd=tree):
+                with thriftgate(port, f"http://127.0.0.1:{up}/v1", tree=tree):
                     url = f"http://127.0.0.1:{port}/v1/chat/completions"
                     samples = asyncio.run(load(url, args.seconds, args.connections))
                 results[tree].append(windows(samples))

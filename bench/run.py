@@ -163,12 +163,20 @@ def static_upstream(port: int) -> Iterator[str]:
 
 
 def thriftgate(
-    port: int, upstream: str, *, workers: int = 1, cpu: int | None = PROXY_CPU, **env: str
+    port: int,
+    upstream: str,
+    *,
+    workers: int = 1,
+    cpu: int | None = PROXY_CPU,
+    tree: Path = ROOT,
+    **env: str,
 ) -> AbstractContextManager[int]:
-    """thriftgate serving on ``port`` in front of ``upstream``, its usage log discarded."""
+    """thriftgate serving on ``port`` in front of ``upstream``, its usage log discarded;
+    ``tree``: the checkout it runs from (a ``git worktree`` of another commit, for an A/B)."""
     args = [sys.executable, "-m", "proxy", "serve", "--port", str(port), "--upstream", upstream]
     args += ["--workers", str(workers)]
-    return process(args, port, {"THRIFTGATE_USAGE_LOG": os.devnull, **env}, cpu=cpu)
+    # ``python -m`` puts the working directory first on the path: the tree's own ``proxy``
+    return process(args, port, {"THRIFTGATE_USAGE_LOG": os.devnull, **env}, cpu=cpu, cwd=tree)
 
 
 def bare_forwarder(port: int, upstream: str) -> AbstractContextManager[int]:
