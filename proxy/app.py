@@ -11,6 +11,7 @@ in ``stages`` below.
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import time
 from typing import IO, TypeVar
@@ -54,11 +55,12 @@ def create_app(
     ratelimit_sleep: Sleep = asyncio.sleep,
     wall_clock: Clock = time.time,
     clock: Clock = time.monotonic,
+    rng: random.Random | None = None,
 ) -> web.Application:
     """Build the proxy. ``usage_stream`` receives the usage log (default: the configured sink).
     ``retry_sleep`` waits between retries, ``ratelimit_sleep`` in the rate limiter's queue;
     ``wall_clock`` dates budgets, cache entries and usage lines, ``clock`` times buckets, holds
-    and retries (tests pass their own)."""
+    and retries, ``rng`` picks upstreams by weight (tests pass their own)."""
     metrics = Metrics()
     prices = PriceTable(settings.prices)
     alerts = Alerts(settings.alerts, clock=wall_clock)
@@ -89,7 +91,7 @@ def create_app(
         clock=wall_clock,
     )
     parts: list[Part] = [
-        Upstreams(settings, metrics, clock),  # the client session and the pool of upstreams
+        Upstreams(settings, metrics, clock, rng),  # the client session and the pool of upstreams
         RedisConnection(settings.redis, metrics, clock),  # app[REDIS]: None without Redis
         Encodings(),  # tiktoken's, loaded before the port is bound
         usage_log,

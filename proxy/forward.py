@@ -7,6 +7,7 @@ it went. ``Upstreams`` opens the client session and the pool for the app's lifet
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -30,17 +31,26 @@ POOL: web.AppKey[Pool] = web.AppKey("pool", Pool)
 class Upstreams(Part):
     """The upstream client session (its keep-alive pool) and the pool of upstreams."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.clock = clock  # the breakers' cool-downs
+        self.rng = rng  # the weighted choice of an upstream (None: a fresh random.Random)
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         settings = self.settings
         session = Upstream.open_session(settings.upstream)
         app[SESSION] = session
         app[UPSTREAM] = Upstream(settings.upstream, session)
-        app[POOL] = Pool(settings.targets(), settings.upstream, self.metrics, clock=self.clock)
+        app[POOL] = Pool(
+            settings.targets(), settings.upstream, self.metrics, clock=self.clock, rng=self.rng
+        )
         yield
         await session.close()
 

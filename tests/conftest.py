@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -207,6 +208,7 @@ async def make_proxy(upstream: TestServer, proxy_server: Any) -> AsyncIterator[M
         ratelimit_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
         **flags: Any,
     ) -> Proxy:
         environ = {"THRIFTGATE_UPSTREAM_URL": str(upstream.make_url("/v1")), **(env or {})}
@@ -226,6 +228,7 @@ async def make_proxy(upstream: TestServer, proxy_server: Any) -> AsyncIterator[M
             ratelimit_sleep=ratelimit_sleep,
             wall_clock=wall_clock,
             clock=clock,
+            rng=rng,
         )
         server = await proxy_server(app, settings)
         # a connection per request, as an SDK client of its own would open

@@ -60,7 +60,8 @@ async def test_failover_to_the_second_upstream(
         target(str(upstream.make_url("/v1")), "a", weight=10_000, key="sk-a"),  # tried first
         target(str(upstream2.make_url("/v1")), "b", key="sk-b"),
     )
-    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": cfg})
+    # a seeded choice of upstream: "a" first every time (by weight, 9,999 times in 10,000)
+    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": cfg}, rng=random.Random(1))
     fake.fail_next(*[Fault(status=503)] * 100)  # "a" is failing
     for _ in range(4):  # (fewer than the 5 failures that would take "a" out of the rotation)
         status, headers, _ = await post(proxy)
@@ -84,7 +85,7 @@ async def test_requests_spread_by_weight(
         target(str(upstream.make_url("/v1")), "heavy", weight=3),
         target(str(upstream2.make_url("/v1")), "light", weight=1),
     )
-    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": cfg})
+    proxy = await make_proxy(env={"THRIFTGATE_CONFIG": cfg}, rng=random.Random(1))
     await asyncio.gather(*(post(proxy) for _ in range(200)))
     assert fake.calls() + fake2.calls() == 200
     assert 110 <= fake.calls() <= 185  # 150 expected; far outside this is not chance
