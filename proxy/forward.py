@@ -46,12 +46,14 @@ class Upstreams(Part):
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         settings = self.settings
         session = Upstream.open_session(settings.upstream)
+        connections = Upstream.open_connections(settings.upstream)
         app[SESSION] = session
-        app[UPSTREAM] = Upstream(settings.upstream, session)
+        app[UPSTREAM] = Upstream(settings.upstream, session, connections)
         app[POOL] = Pool(
             settings.targets(), settings.upstream, self.metrics, clock=self.clock, rng=self.rng
         )
         yield
+        await connections.close()
         await session.close()
 
 

@@ -8,6 +8,8 @@ observers for the body before the first byte goes out, and a stream passes throu
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.client import Answer, CannotConnect, Connections
 from proxy.config import UpstreamSettings
 from proxy.errors import PayloadTooLarge, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
 from proxy.inbound import PREFIX
@@ -99,7 +102,7 @@ class Reply(web.StreamResponse):
         status: int,
         reason: str | None,
         headers: CIMultiDict[str],
-        upstream: aiohttp.ClientResponse | None = None,
+        upstream: aiohttp.ClientResponse | Answer | None = None,
         body: bytes | None = None,
     ) -> None:
         super().__init__(status=status, reason=reason, headers=headers)
@@ -236,6 +239,8 @@ def where(url: URL) -> str:
 def unreachable(exc: BaseException, settings: UpstreamSettings | None = None) -> str:
     """Why an upstream could not be reached, in words a person can act on."""
     settings = settings or UpstreamSettings()
+    if isinstance(exc, CannotConnect):  # the lean client's: the OSError itself
+        return _cannot_connect(exc.os_error)
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return "its name does not resolve (DNS); check the host name in the upstream URL"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
@@ -250,16 +255,25 @@ def unreachable(exc: BaseException, settings: UpstreamSettings | None = None) ->
     if isinstance(exc, TimeoutError):
         return f"it stopped answering for {settings.idle_timeout_s:g} s (upstream.idle_timeout_s)"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        os_error = exc.os_error
-        if isinstance(os_error, ConnectionRefusedError):
-            return "connection refused (nothing listens on that port: is the upstream running?)"
-        reason = os_error.strerror if os_error.strerror else type(os_error).__name__
-        return f"cannot connect ({reason})"
+        return _cannot_connect(exc.os_error)
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "it closed the connection without answering"
     if isinstance(exc, aiohttp.ClientOSError):
         return f"the connection failed ({exc.strerror or type(exc).__name__})"
     return type(exc).__name__
+
+
+def _cannot_connect(os_error: OSError) -> str:
+    if isinstance(os_error, socket.gaierror):
+        return "its name does not resolve (DNS); check the host name in the upstream URL"
+    if isinstance(os_error, ssl.SSLCertVerificationError):
+        return "its TLS certificate was refused (is the host name right, and the CA trusted?)"
+    if isinstance(os_error, ssl.SSLError):
+        return "the TLS handshake failed (is it an https:// URL for a server that speaks TLS?)"
+    if isinstance(os_error, ConnectionRefusedError):
+        return "connection refused (nothing listens on that port: is the upstream running?)"
+    reason = os_error.strerror if os_error.strerror else type(os_error).__name__
+    return f"cannot connect ({reason})"
 
 
 class _BodyCounter:
@@ -305,9 +319,17 @@ class _BodyCounter:
 class Upstream:
     """Sends requests to one of the configured OpenAI-compatible base URLs."""
 
-    def __init__(self, settings: UpstreamSettings, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        settings: UpstreamSettings,
+        session: aiohttp.ClientSession,
+        connections: Connections | None = None,
+    ) -> None:
         self.settings = settings
         self.session = session
+        # requests with their body in hand go through the lean client (proxy.client), the rest
+        # (a streamed body, no body) through aiohttp's session
+        self.connections = connections
         # connect and total are aiohttp's; time to first byte is a timer around the wait for the
         # status line (cheaper than sock_read, which re-arms a timer on every read); streams also
         # get sock_read, the longest silence between two chunks
@@ -333,6 +355,15 @@ class Upstream:
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies to another
             skip_auto_headers=SKIP_AUTO_HEADERS,
             raise_for_status=False,
+        )
+
+    @staticmethod
+    def open_connections(settings: UpstreamSettings) -> Connections:
+        return Connections(
+            settings.max_connections,
+            connect_timeout_s=settings.connect_timeout_s,
+            total_timeout_s=settings.total_timeout_s,
+            keepalive_s=30.0,
         )
 
     @staticmethod
@@ -420,14 +451,28 @@ class Upstream:
             self.settings.first_byte_timeout_s, _expire, task, expired
         )
         try:
-            resp = await self.session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=data,
-                timeout=self.stream_timeout if stream else self.timeout,
-                allow_redirects=False,
-            )
+            resp: aiohttp.ClientResponse | Answer
+            if (
+                self.connections is not None
+                and isinstance(data, bytes)
+                and request.method != "HEAD"
+            ):
+                resp = await self.connections.send(
+                    request.method,
+                    url,
+                    headers,
+                    data,
+                    read_timeout_s=self.settings.idle_timeout_s if stream else None,
+                )
+            else:
+                resp = await self.session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=data,
+                    timeout=self.stream_timeout if stream else self.timeout,
+                    allow_redirects=False,
+                )
         except asyncio.CancelledError:
             if not expired:
                 raise
