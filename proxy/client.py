@@ -9,11 +9,12 @@ kept-alive connection and reads the answer with aiohttp's own lower layers: its 
 serialiser (which refuses CR/LF in a name or value). The bytes are aiohttp's: the same request
 line, ``Host`` first and ``Content-Length`` last, the answer's body never decoded.
 
-What it keeps: a keep-alive pool per host (``limit`` connections in all, 0 for no limit, idle ones closed after
-``keepalive_s``), TLS with the default trust store and SNI, the connect timeout, a read timeout
-(the longest silence), a total timeout for the whole exchange, interim 1xx answers skipped, a
-connection closed (never reused) when its answer was not read to the end or the task was cancelled.
-Streamed request bodies and bodiless requests still go through aiohttp's session.
+What it keeps: a keep-alive pool per host (``limit`` connections in all, 0 for no limit,
+idle ones closed after ``keepalive_s``), TLS with the default trust store and SNI, the connect
+timeout, a read timeout (the longest silence), a total timeout for the whole exchange, interim 1xx
+answers skipped, a connection closed (never reused) when its answer was not read to the end or
+the task was cancelled. Streamed request bodies and bodiless requests still go through aiohttp's
+session.
 """
 
 from __future__ import annotations
