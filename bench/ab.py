@@ -2,6 +2,7 @@
 
     git worktree add /tmp/before <commit>
     python bench/ab.py /tmp/before . [--script unique_chat.lua] [--rounds 6] [--redis]
+    python bench/ab.py . .,THRIFTGATE_CACHE_ENABLED=false     # one build, two configurations
 
 Each tree's thriftgate and the bare forwarder (each on the proxy core in turn, one at a time, so
 no side shares it) are loaded by wrk with the same script in alternating rounds (the order
@@ -34,15 +35,21 @@ from run import (  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("trees", nargs="+", help="checkouts to run thriftgate from")
+    ap.add_argument(
+        "sides", nargs="+", help="a checkout to run thriftgate from, then any ,NAME=VALUE settings"
+    )
     ap.add_argument("--script", default="unique_chat.lua")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--duration", type=int, default=3)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--redis", action="store_true", help="thriftgate with a Redis (cache hits)")
     args = ap.parse_args()
-    trees = [Path(t).resolve() for t in args.trees]
-    names = ["bare", *(f"{t.name or t}" if t.name != "main" else "this" for t in trees)]
+    trees = [Path(side.split(",")[0]).resolve() for side in args.sides]
+    settings = [dict(kv.split("=", 1) for kv in side.split(",")[1:]) for side in args.sides]
+    names = ["bare"]
+    for tree, extra in zip(trees, settings, strict=True):
+        name = tree.name if tree != HERE.parent else "this"
+        names.append(" ".join([name, *(f"{k}={v}" for k, v in extra.items())]))
     runs: dict[str, list[dict]] = {n: [] for n in names}
     up, d, c = free_port(), args.duration, args.connections
     with ExitStack() as stack:
@@ -60,8 +67,10 @@ def main() -> int:
             )
             env["REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
         sides = {"bare": lambda p: bare_forwarder(p, upstream)}
-        for name, tree in zip(names[1:], trees, strict=True):
-            sides[name] = lambda p, tree=tree: thriftgate(p, upstream, tree=tree, **env)
+        for name, tree, extra in zip(names[1:], trees, settings, strict=True):
+            sides[name] = lambda p, tree=tree, extra=extra: thriftgate(
+                p, upstream, tree=tree, **env, **extra
+            )
         ports = {n: free_port() for n in names}
         pids = {n: stack.enter_context(sides[n](ports[n])) for n in names}
         for n in names:  # warm-up
@@ -70,13 +79,14 @@ def main() -> int:
             for n in names if r % 2 == 0 else names[::-1]:
                 runs[n].append(wrk(f"http://127.0.0.1:{ports[n]}", d, c, pids[n], args.script))
     print(f"\n{args.script}, {c} connections, {args.rounds} alternating {d}s rounds; medians")
-    print(f"{'':12}{'RPS':>8}{'CPU us/req':>12}{'RPS vs bare':>13}{'req/CPU-s vs bare':>19}")
+    width = max(len(n) for n in names) + 2
+    print(f"{'':{width}}{'RPS':>8}{'CPU us/req':>12}{'RPS vs bare':>13}{'req/CPU-s vs bare':>19}")
     for n in names:
         rps = statistics.median(r["rps"] for r in runs[n])
         cpu = statistics.median(r["cpu_us_per_request"] for r in runs[n])
         by_rps = paired_ratio(runs["bare"], runs[n], "rps")
         by_cpu = 1 / paired_ratio(runs["bare"], runs[n], "cpu_us_per_request")
-        print(f"{n:12}{rps:>8.0f}{cpu:>12.1f}{by_rps:>12.2f}x{by_cpu:>18.2f}x")
+        print(f"{n:{width}}{rps:>8.0f}{cpu:>12.1f}{by_rps:>12.2f}x{by_cpu:>18.2f}x")
     return 0
 
 

@@ -70,6 +70,7 @@ class Recorded:
     path: str  # raw path with query string, as received
     headers: CIMultiDict[str]
     body: bytes
+    peer: Any = None  # the proxy's end of the connection (host, port): which connection it came on
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
@@ -306,7 +307,13 @@ class FakeOpenAI:
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         body = await request.read() if request.path not in STREAMED_UPLOADS else b""
         self.requests.append(
-            Recorded(request.method, request.raw_path, CIMultiDict(request.headers), body)
+            Recorded(
+                request.method,
+                request.raw_path,
+                CIMultiDict(request.headers),
+                body,
+                request.transport.get_extra_info("peername") if request.transport else None,
+            )
         )
         encoding = request.headers.get("Content-Encoding", "").lower()
         if body and encoding:
