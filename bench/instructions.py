@@ -47,6 +47,7 @@ async def loop(kind: str, count: int) -> None:
     from upstream import chat, responses
 
     from proxy.app import create_app
+    from proxy.cli import tune_collector
     from proxy.config import load_settings
 
     upstream = web.Application()
@@ -63,6 +64,7 @@ async def loop(kind: str, count: int) -> None:
     settings = load_settings(env=env)
     with open(os.devnull, "wb") as devnull:  # noqa: ASYNC230 - opened once, before the loop
         app = create_app(settings, usage_stream=devnull)
+        tune_collector()  # the collector as ``thriftgate serve`` sets it
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

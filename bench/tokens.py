@@ -4,9 +4,11 @@
 
 Measures a 100k-token prompt (tokens per second) and a typical 1k-token chat (per request), each
 counted by ``proxy.tokens.count_request`` (the recipe: per-message overhead, names, parts) and by
-a bare ``encoding.encode`` of the same text. Prints the overhead of the recipe over raw encode, and
-of the whole budget stage (counting, context guard, a per-key budget reserved and settled in
-memory) over raw encode.
+a bare ``encoding.encode`` of the same text. The chat is counted twice: at first sight (every
+text new: the memo of counts emptied before each count) and seen before (the memo holds its texts,
+as for a conversation's next turn or a shared system prompt). Prints the overhead of the recipe
+over raw encode, and of the admission and budget stages (counting, context guard, a per-key
+budget reserved and settled in memory) over raw encode.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from proxy import tokens
+from proxy.admission import AdmissionStage
 from proxy.budget import BudgetStage
 from proxy.config import load_settings
 from proxy.context import CTX, RequestContext
 from proxy.keys import Keys
 from proxy.metrics import Metrics
+from proxy.outcome import conclude
 from proxy.pricing import PriceTable
 
 WORDS = [
@@ -97,7 +101,14 @@ def main() -> int:
     n_chat = tokens.count_request("/v1/chat/completions", chat_body).tokens
     loops = 200
     raw_chat = best(lambda: [enc.encode(t) for _ in range(loops) for t in joined], 5) / loops
-    ours_chat = (
+
+    def first_sight() -> None:
+        for _ in range(loops):
+            tokens.text_counts.cache_clear()  # a new, empty memo
+            tokens.count_request("/v1/chat/completions", chat_body)
+
+    ours_chat = best(first_sight, 5) / loops
+    seen = (
         best(
             lambda: [tokens.count_request("/v1/chat/completions", chat_body) for _ in range(loops)],
             5,
@@ -114,11 +125,13 @@ def main() -> int:
     )
     print(
         f"typical chat ({n_chat} tokens, {len(chat)} messages): raw encode "
-        f"{raw_chat * 1e6:.0f} us, count_request {ours_chat * 1e6:.0f} us, overhead "
-        f"{(ours_chat / raw_chat - 1) * 100:+.1f}%"
+        f"{raw_chat * 1e6:.0f} us, count_request at first sight {ours_chat * 1e6:.0f} us "
+        f"(overhead {(ours_chat / raw_chat - 1) * 100:+.1f}%), seen before {seen * 1e6:.1f} us "
+        f"({raw_chat / seen:.0f}x faster than raw encode)"
     )
     print(
-        f"budget stage per chat request (count, guard, reserve, settle): "
+        f"admission and budget stages per chat request, texts seen before (count, guard, "
+        f"reserve, settle): "
         f"{stage_chat * 1e6:.0f} us, "
         f"overhead over raw encode {(stage_chat / raw_chat - 1) * 100:+.1f}%"
     )
@@ -126,20 +139,21 @@ def main() -> int:
 
 
 async def stage_per_request(body: dict[str, object], loops: int) -> float:
-    """The budget stage's own work for one request, a budget configured, the answer instant."""
+    """The admission and budget stages' own work for one request, a budget configured, the
+    answer instant."""
     settings = load_settings(env={"THRIFTGATE_TOKENS_PER_DAY": str(10**15)})
-    stage = BudgetStage(
-        tokens.Catalogue(),
-        Keys(settings),
-        PriceTable(),
-        settings.budget,
-        settings.optimize,
-        Metrics(),
-    )
+    prices = PriceTable()
+    admission = AdmissionStage(tokens.Catalogue())
+    budget = BudgetStage(Keys(settings), prices, settings.budget, Metrics())
     answer = web.Response(body=b"{}")
 
-    async def handler(request: web.Request) -> web.StreamResponse:
+    async def inner(request: web.Request) -> web.StreamResponse:
         return answer
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await budget(request, inner)
+
+    stage = admission
 
     raw = repr(body).encode()
     request = make_mocked_request("POST", "/v1/chat/completions")
@@ -149,9 +163,9 @@ async def stage_per_request(body: dict[str, object], loops: int) -> float:
         ctx.optimised, ctx.raw, ctx.body, ctx.model = True, raw, body, "gpt-4o"
         request[CTX] = ctx
         await stage(request, handler)
-        ctx.status = 200
+        outcome = conclude(ctx, prices, status=200, error=None, latency_ms=1.0)
         for settle in ctx.settlers:
-            settle(ctx)
+            settle(outcome)
 
     times = []
     for _ in range(5):

@@ -413,6 +413,15 @@ def serve(args: argparse.Namespace, argv: list[str]) -> int:
     return _run(settings, reuse_port=args.worker_index is not None)
 
 
+def tune_collector() -> None:
+    """Everything loaded at start-up lives as long as the process: keep it out of the collector's
+    scans, and collect the young generation less often (a request allocates many short-lived
+    objects, freed by reference counting). Measured in bench/: about 7% less CPU per request."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
 def _run(settings: Settings, *, reuse_port: bool) -> int:
     from proxy.server import catch_stop_signals
 
@@ -426,12 +435,7 @@ def _run(settings: Settings, *, reuse_port: bool) -> int:
         loop = asyncio.new_event_loop()
     else:
         loop = uvloop.new_event_loop()
-    # Everything loaded at start-up lives as long as the process: keep it out of the collector's
-    # scans, and collect the young generation less often (a request allocates many short-lived
-    # objects, freed by reference counting). Measured in bench/: about 7% less CPU per request.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
+    tune_collector()
     try:
         app = create_app(settings)
         return loop.run_until_complete(

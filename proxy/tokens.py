@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import math
+import threading
 import tomllib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -98,6 +99,56 @@ def encoding(name: str) -> tiktoken.Encoding:
     return tiktoken.Encoding(
         name=name, pat_str=pat_str, mergeable_ranks=load_ranks(name), special_tokens=special
     )
+
+
+# Texts of these lengths (in characters) have their counts remembered: shorter ones cost about
+# as much to look up as to encode; longer ones are rarely sent again whole.
+MEMO_MIN_CHARS, MEMO_MAX_CHARS = 256, 64 * 1024
+MEMO_CHARS = 16 * 1024 * 1024  # a memo's bound: the characters of the texts it holds
+
+
+class TextCounts:
+    """Token counts of long texts already seen, for one encoding: a system prompt comes with every
+    request, and a conversation sends all its earlier messages again with each turn, so only the
+    new text is encoded. Bounded by the characters it holds (least recently used out first);
+    thread-safe (large bodies are counted in a worker thread)."""
+
+    def __init__(self, enc: tiktoken.Encoding, limit: int = MEMO_CHARS) -> None:
+        self.enc = enc
+        self.limit = limit
+        self.chars = 0
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def __call__(self, text: str) -> int:
+        size = len(text)
+        if size < MEMO_MIN_CHARS or size > MEMO_MAX_CHARS:
+            return len(self.enc.encode_ordinary(text))
+        counts = self._counts
+        with self._lock:
+            known = counts.pop(text, None)
+            if known is not None:
+                counts[text] = known  # now the most recently used
+                return known
+        tokens = len(self.enc.encode_ordinary(text))
+        with self._lock:
+            if text not in counts:
+                counts[text] = tokens
+                self.chars += size
+                while self.chars > self.limit:
+                    oldest = next(iter(counts))
+                    self.chars -= len(oldest)
+                    del counts[oldest]
+        return tokens
+
+
+@functools.cache
+def text_counts(name: str) -> TextCounts:
+    """The memo of ``name``'s counts (one per encoding and process, like the encoding itself)."""
+    return TextCounts(encoding(name))
 
 
 def preload_encodings() -> None:
@@ -198,7 +249,7 @@ ONE_TOKEN_ROLES = frozenset({"system", "user", "assistant", "tool", "developer",
 def _text(enc: tiktoken.Encoding, value: Any) -> int:
     """Tokens of a value as the model sees it (special-token text counts as ordinary text)."""
     if isinstance(value, str):
-        return len(enc.encode_ordinary(value))
+        return text_counts(enc.name)(value)
     if value is None:
         return 0
     return len(enc.encode_ordinary(json.dumps(value, separators=(",", ":"))))

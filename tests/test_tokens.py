@@ -290,3 +290,45 @@ def test_one_token_roles() -> None:
         enc = tokens.encoding(name)
         for role in tokens.ONE_TOKEN_ROLES:
             assert len(enc.encode(role)) == 1, (name, role)
+
+
+def _prose(n: int, seed: int) -> str:
+    import random
+
+    words = ["the", "proxy", "counts", "tokens", "of", "every", "long", "système", "prompt", "😀"]
+    rnd = random.Random(seed)
+    return " ".join(rnd.choice(words) for _ in range(n))
+
+
+def test_a_conversation_counted_again_encodes_only_its_new_text() -> None:
+    enc = tokens.encoding("o200k_base")
+    memo = tokens.text_counts("o200k_base")
+    system = _prose(400, 1)  # a long system prompt, sent with every turn
+    turns = [_prose(120, seed) for seed in range(2, 8)]
+    body: dict[str, Any] = {"model": "gpt-4o", "messages": [{"role": "system", "content": system}]}
+    for i, turn in enumerate(turns):
+        body["messages"].append({"role": "user" if i % 2 == 0 else "assistant", "content": turn})
+        held = len(memo)
+        count = tokens.count_request("/v1/chat/completions", body)
+        texts = [m["content"] for m in body["messages"]]
+        # the recipe's count, as if every text were encoded afresh
+        fresh = 3 + sum(3 + 1 + len(enc.encode_ordinary(t)) for t in texts)
+        assert count.tokens == fresh
+        assert len(memo) == held + (2 if i == 0 else 1)  # only the new message was encoded
+
+
+def test_the_count_memo_is_bounded_and_keeps_the_most_recent() -> None:
+    enc = tokens.encoding("cl100k_base")
+    memo = tokens.TextCounts(enc, limit=3 * 1000)
+    texts = [_prose(200, seed) for seed in range(20)]  # each well over MEMO_MIN_CHARS
+    for text in texts:
+        assert len(text) >= tokens.MEMO_MIN_CHARS
+        assert memo(text) == len(enc.encode_ordinary(text))
+    assert memo.chars <= 3 * 1000
+    assert 1 <= len(memo) <= 3
+    assert memo(texts[-1]) == len(enc.encode_ordinary(texts[-1]))  # the newest is still held
+    assert memo.chars == sum(len(t) for t in texts[-len(memo) :])
+    held = len(memo)
+    short = "a short text"
+    assert memo(short) == len(enc.encode_ordinary(short))
+    assert len(memo) == held  # not remembered: cheaper to encode than to look up
