@@ -110,6 +110,7 @@ class Reply(web.StreamResponse):
         self._fixed = body
         self._request: web.BaseRequest | None = None
         self._done = False
+        self._ending = False
         self.observers: list[Observer] = []
         self.on_done: list[DoneCallback] = []
         self.transform: Transform | None = None  # streamed bodies only
@@ -161,8 +162,9 @@ class Reply(web.StreamResponse):
             raise
 
     async def write_eof(self, data: bytes = b"") -> None:
-        if self._done:
+        if self._done or self._ending:
             return
+        self._ending = True  # once: the body's observers see it once
         sent = 0
         first: float | None = None
         try:
@@ -211,7 +213,9 @@ class Reply(web.StreamResponse):
             if self._request is not None and self._request.transport is not None:
                 self._request.transport.close()
             return
-        self._finish(Delivery(None, sent, first))
+        # delivered: the outcome (usage line, settlements, the cache's entry) is concluded on the
+        # loop's next turn, with the other answers written in this one
+        asyncio.get_running_loop().call_soon(self._finish, Delivery(None, sent, first))
 
     def _finish(self, delivery: Delivery) -> None:
         if self._done:
