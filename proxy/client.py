@@ -125,6 +125,7 @@ class Connections:
         self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it first ran in
 
     async def send(
         self,
@@ -139,7 +140,9 @@ class Connections:
         headers arrived (its body follows in ``Answer.content``)."""
         host = Host(url.raw_host or "", url.port or 0, url.scheme == "https")
         conn = await self._connection(host)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         box: list[StreamReader] = []
         timer = loop.call_later(self.total_timeout_s, _total_expired, conn, box)
         try:

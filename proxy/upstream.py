@@ -334,6 +334,7 @@ class Upstream:
         # requests with their body in hand go through the lean client (proxy.client), the rest
         # (a streamed body, no body) through aiohttp's session
         self.connections = connections
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it first ran in
         # connect and total are aiohttp's; time to first byte is a timer around the wait for the
         # status line (cheaper than sock_read, which re-arms a timer on every read); streams also
         # get sock_read, the longest silence between two chunks
@@ -448,12 +449,13 @@ class Upstream:
             headers["Authorization"] = target.basic_auth  # the URL's user-info, when nothing else
         url = self.url(request, target.base, target.base_query)
         # time to first byte: one timer that cancels this task (lighter than asyncio.timeout)
-        task = asyncio.current_task()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None
         expired: list[bool] = []
-        timer = asyncio.get_running_loop().call_later(
-            self.settings.first_byte_timeout_s, _expire, task, expired
-        )
+        timer = loop.call_later(self.settings.first_byte_timeout_s, _expire, task, expired)
         try:
             resp: aiohttp.ClientResponse | Answer
             if (
