@@ -48,8 +48,11 @@ _MAGIC = b"TGC1"
 MAX_TTL_S = 10 * 365 * 86400  # what reaches Redis as an expiry, at most
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Entry:
+    """A stored answer (never changed once made: not ``frozen`` only because a frozen dataclass
+    costs every miss that stores one a slower constructor)."""
+
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes
@@ -111,6 +114,11 @@ def cache_key(endpoint: str, body: dict[str, Any], scope: str, query: str = "") 
 class Backend(Protocol):
     name: str
 
+    remote: bool  # ``get`` may find what ``peek`` did not (it asks Redis)
+
+    def peek(self, key: str) -> Entry | None:
+        """The entry if it is in this process, at once (no I/O)."""
+
     async def get(self, key: str) -> Entry | None: ...
 
     def store(self, key: str, entry: Entry, ttl_s: float) -> None:
@@ -130,7 +138,7 @@ class MemoryBackend:
         self.metrics = metrics
         self.clock = clock
         self.bytes = 0
-        self._entries: OrderedDict[str, tuple[Entry, float]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[Entry, float, int]] = OrderedDict()  # +expiry, size
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -139,16 +147,21 @@ class MemoryBackend:
         """The keys held, least recently used first."""
         return list(self._entries)
 
-    async def get(self, key: str) -> Entry | None:
+    remote = False  # ``peek`` is all there is: no ``get`` to await after it
+
+    def peek(self, key: str) -> Entry | None:
         found = self._entries.get(key)
         if found is None:
             return None
-        entry, expires = found
+        entry, expires, _ = found
         if expires <= self.clock():
             self._drop(key)
             return None
         self._entries.move_to_end(key)
         return entry
+
+    async def get(self, key: str) -> Entry | None:
+        return self.peek(key)
 
     async def drain(self) -> None:
         return None
@@ -159,7 +172,7 @@ class MemoryBackend:
             return
         if key in self._entries:
             self._drop(key)
-        self._entries[key] = (entry, self.clock() + ttl_s)
+        self._entries[key] = (entry, self.clock() + ttl_s, size)
         self.bytes += size
         while self.bytes > self.max_bytes:
             oldest = next(iter(self._entries))
@@ -168,8 +181,8 @@ class MemoryBackend:
         self.metrics.cache_bytes = self.bytes
 
     def _drop(self, key: str) -> None:
-        entry, _ = self._entries.pop(key)
-        self.bytes -= entry.size
+        _, _, size = self._entries.pop(key)
+        self.bytes -= size
 
 
 class RedisBackend(Shared[MemoryBackend | None]):
@@ -193,8 +206,13 @@ class RedisBackend(Shared[MemoryBackend | None]):
         self.prefix = prefix
         self.compress_min = compress_min
 
+    remote = True
+
+    def peek(self, key: str) -> Entry | None:
+        return self.local.peek(key) if self.local is not None else None
+
     async def get(self, key: str) -> Entry | None:
-        if self.local is not None and (entry := await self.local.get(key)) is not None:
+        if self.local is not None and (entry := self.local.peek(key)) is not None:
             return entry
         data = await self.call(lambda r: r.get(self.prefix + key), None, "cache_get")
         if data is None:
@@ -398,7 +416,10 @@ class CacheStage(Stage):
 
         leader: asyncio.Future[Entry | None] | None = None
         if "no-cache" not in control:
-            entry = await self.backend.get(key)
+            backend = self.backend
+            entry = backend.peek(key)
+            if entry is None and backend.remote:
+                entry = await backend.get(key)
             if entry is None and not ctx.stream:
                 flight = self.flights.get(key)
                 if flight is not None:
