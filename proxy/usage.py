@@ -94,6 +94,7 @@ class UsageLog(Part):
         self._stream = stream
         self._owns_stream = owns_stream
         self._pending: list[bytes] = []
+        self._outcomes: list[tuple[Outcome, float]] = []  # taken this turn, with their time
         self._scheduled = False
         self._second = -1
         self._second_text = ""
@@ -107,6 +108,9 @@ class UsageLog(Part):
         return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
 
     def write(self, outcome: Outcome) -> None:
+        """Take a request's outcome; its line is made, counted and written with the others of
+        this turn of the event loop, on the next (each part's code then runs for all of them in
+        a row: measured, less CPU per request than a line at a time)."""
         if (
             not self.enabled
             and self.metrics is None
@@ -115,29 +119,49 @@ class UsageLog(Part):
             and not self.access
         ):
             return
-        try:
-            now = self.clock()
-            record = outcome.line(self._ts(now))
-            if self.access is not None:
-                self.access(record)
-            if self.metrics is not None:
-                self.metrics.observe_request(record)
-            if self.alerts is not None:
-                self.alerts.observe(record)
-            if self.summary is not None:
-                self.summary.add(record, now)
-            if not self.enabled:
-                return
-            self._pending.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
-        except Exception:
-            log.exception("usage_record_failed", request_id=outcome.ctx.request_id)
-            return
+        self._outcomes.append((outcome, self.clock()))
         if not self._scheduled:
             self._scheduled = True
             try:
                 asyncio.get_running_loop().call_soon(self.flush)
             except RuntimeError:  # no loop running: write now
                 self.flush()
+
+    def _records(self) -> None:
+        """The pending outcomes as usage records: counted (metrics, alerts, the dashboard),
+        shown (console mode) and serialised into ``_pending``."""
+        outcomes, self._outcomes = self._outcomes, []
+        records: list[tuple[dict[str, Any], float]] = []
+        for outcome, now in outcomes:
+            try:
+                records.append((outcome.line(self._ts(now)), now))
+            except Exception:
+                log.exception("usage_record_failed", request_id=outcome.ctx.request_id)
+        sinks: list[Callable[[dict[str, Any], float], None]] = []
+        if self.access is not None:
+            access = self.access
+            sinks.append(lambda record, _: access(record))
+        if self.metrics is not None:
+            metrics = self.metrics
+            sinks.append(lambda record, _: metrics.observe_request(record))
+        if self.alerts is not None:
+            alerts = self.alerts
+            sinks.append(lambda record, _: alerts.observe(record))
+        if self.summary is not None:
+            sinks.append(self.summary.add)
+        if self.enabled:
+            pending = self._pending
+            sinks.append(
+                lambda record, _: pending.append(
+                    orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+                )
+            )
+        for sink in sinks:  # one part at a time over every record
+            for record, now in records:
+                try:
+                    sink(record, now)
+                except Exception:
+                    log.exception("usage_record_failed", request_id=record.get("request_id"))
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         """The Redis stream (when one is named and Redis is configured) and SIGHUP (reopen the
@@ -222,6 +246,8 @@ class UsageLog(Part):
 
     def flush(self) -> None:
         self._scheduled = False
+        if self._outcomes:
+            self._records()
         if not self._pending or self._stream is None:
             return
         lines, self._pending = self._pending, []
