@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -160,6 +160,12 @@ class RequestContextStage(Stage):
         self._id_prefix = uuid.uuid4().hex[:16]
         self._ids = itertools.count(1)
         self.stopping = False  # set when shutdown ends what is still running
+        # requests that ended during this turn of the loop, concluded together on the next
+        self._ended: list[Callable[[], Outcome]] = []
+
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        yield
+        self._conclude()  # the requests that ended in the last turn (before the usage log closes)
 
     async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
@@ -221,7 +227,7 @@ class RequestContextStage(Stage):
         else:
             # an answer the proxy made itself (a cache hit): its outcome (settlements, usage line,
             # metrics) is concluded once it has been written, not before; the client waits less
-            asyncio.get_running_loop().call_soon(self._close, ctx, resp.status, None)
+            self._end(self._closing(ctx, resp.status, None))
         return resp
 
     async def _parse(self, request: web.Request, ctx: RequestContext) -> None:
@@ -274,28 +280,55 @@ class RequestContextStage(Stage):
         if self.stopping and error == "client_disconnected":
             error = "shutdown"
         first = delivery.first_byte_at
-        if reply.whole and reply.body_bytes and (recorder.sse or recorder.json):
-            recorder.feed(reply.body_bytes)
-        self._finish(
-            conclude(
+        latency_ms = ctx.elapsed_ms()
+
+        def outcome() -> Outcome:
+            if reply.whole and reply.body_bytes and (recorder.sse or recorder.json):
+                recorder.feed(reply.body_bytes)
+            return conclude(
                 ctx,
                 self.prices,
                 status=reply.status,
                 error=error,
-                latency_ms=ctx.elapsed_ms(),
+                latency_ms=latency_ms,
                 ttft_ms=ctx.elapsed_ms(first) if ctx.stream and first is not None else None,
                 recorder=recorder,
                 taken_usage=reply.transform.usage if reply.transform is not None else None,
             )
-        )
+
+        self._end(outcome)
 
     def _close(self, ctx: RequestContext, status: int, error: str | None) -> None:
         """A request that ended without an answer from upstream to deliver (refused, failed,
         cancelled, or answered by the proxy itself)."""
-        outcome = conclude(
-            ctx, self.prices, status=status, error=error, latency_ms=ctx.elapsed_ms()
-        )
-        self._finish(outcome)
+        self._finish(self._closing(ctx, status, error)())
+
+    def _closing(
+        self, ctx: RequestContext, status: int, error: str | None
+    ) -> Callable[[], Outcome]:
+        latency_ms = ctx.elapsed_ms()
+        return lambda: conclude(ctx, self.prices, status=status, error=error, latency_ms=latency_ms)
+
+    def _end(self, outcome: Callable[[], Outcome]) -> None:
+        """Conclude a request on the next turn of the loop, with the others that end in this one
+        (each part's code then runs for all of them in a row)."""
+        if not self._ended:
+            try:
+                asyncio.get_running_loop().call_soon(self._conclude)
+            except RuntimeError:  # no loop running: now
+                self._finish(outcome())
+                return
+        self._ended.append(outcome)
+
+    def _conclude(self) -> None:
+        ended, self._ended = self._ended, []
+        for outcome in ended:
+            try:
+                made = outcome()
+            except Exception:  # a broken outcome never stops the others'
+                structlog.get_logger("thriftgate").exception("conclude_failed")
+                continue
+            self._finish(made)
 
     def _finish(self, outcome: Outcome) -> None:
         ctx = outcome.ctx

@@ -213,9 +213,7 @@ class Reply(web.StreamResponse):
             if self._request is not None and self._request.transport is not None:
                 self._request.transport.close()
             return
-        # delivered: the outcome (usage line, settlements, the cache's entry) is concluded on the
-        # loop's next turn, with the other answers written in this one
-        asyncio.get_running_loop().call_soon(self._finish, Delivery(None, sent, first))
+        self._finish(Delivery(None, sent, first))
 
     def _finish(self, delivery: Delivery) -> None:
         if self._done:
