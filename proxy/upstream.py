@@ -243,12 +243,10 @@ def unreachable(exc: BaseException, settings: UpstreamSettings | None = None) ->
     settings = settings or UpstreamSettings()
     if isinstance(exc, CannotConnect):  # the lean client's: the OSError itself
         return _cannot_connect(exc.os_error)
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return "its name does not resolve (DNS); check the host name in the upstream URL"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return "its TLS certificate was refused (is the host name right, and the CA trusted?)"
-    if isinstance(exc, aiohttp.ClientSSLError):
-        return "the TLS handshake failed (is it an https:// URL for a server that speaks TLS?)"
+        return _cannot_connect(exc.certificate_error)
+    if isinstance(exc, aiohttp.ClientConnectorError):  # aiohttp's: DNS, TLS, refused...
+        return _cannot_connect(exc.os_error, dns=isinstance(exc, aiohttp.ClientConnectorDNSError))
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
         return (
             f"no connection within {settings.connect_timeout_s:g} s "
@@ -256,8 +254,6 @@ def unreachable(exc: BaseException, settings: UpstreamSettings | None = None) ->
         )
     if isinstance(exc, TimeoutError):
         return f"it stopped answering for {settings.idle_timeout_s:g} s (upstream.idle_timeout_s)"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return _cannot_connect(exc.os_error)
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "it closed the connection without answering"
     if isinstance(exc, aiohttp.ClientOSError):
@@ -265,8 +261,8 @@ def unreachable(exc: BaseException, settings: UpstreamSettings | None = None) ->
     return type(exc).__name__
 
 
-def _cannot_connect(os_error: OSError) -> str:
-    if isinstance(os_error, socket.gaierror):
+def _cannot_connect(os_error: OSError, *, dns: bool = False) -> str:
+    if dns or isinstance(os_error, socket.gaierror):
         return "its name does not resolve (DNS); check the host name in the upstream URL"
     if isinstance(os_error, ssl.SSLCertVerificationError):
         return "its TLS certificate was refused (is the host name right, and the CA trusted?)"
