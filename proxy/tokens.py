@@ -104,7 +104,7 @@ def encoding(name: str) -> tiktoken.Encoding:
 # Texts of these lengths (in characters) have their counts remembered: shorter ones cost about
 # as much to look up as to encode; longer ones are rarely sent again whole.
 MEMO_MIN_CHARS, MEMO_MAX_CHARS = 256, 64 * 1024
-MEMO_CHARS = 16 * 1024 * 1024  # a memo's bound: the characters of the texts it holds
+MEMO_CHARS = 4 * 1024 * 1024  # a memo's bound: the characters it holds (at most 16 MiB of text)
 
 
 class TextCounts:
