@@ -147,7 +147,10 @@ class Connections:
         timer = loop.call_later(self.total_timeout_s, _total_expired, conn, box)
         try:
             conn.set_response_params(
-                auto_decompress=False, read_timeout=read_timeout_s, read_bufsize=READ_BUFSIZE
+                auto_decompress=False,
+                read_timeout=read_timeout_s,
+                read_bufsize=READ_BUFSIZE,
+                read_until_eof=True,  # no length, not chunked: the body ends with the connection
             )
             out = CIMultiDict(Host=url.host_port_subcomponent or "")
             out.extend(headers)

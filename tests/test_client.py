@@ -161,6 +161,34 @@ async def test_interim_answers_are_skipped() -> None:
     await raw.close()
 
 
+async def test_an_answer_without_a_length_is_read_to_the_connections_end() -> None:
+    stream = b"data: one\n\ndata: two\n\n"
+    server = await asyncio.start_server(
+        lambda r, w: _close_after(
+            r, w, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n" + stream
+        ),
+        "127.0.0.1",
+        0,
+    )
+    port = server.sockets[0].getsockname()[1]
+    pool = connections()
+    answer = await pool.send("POST", URL(f"http://127.0.0.1:{port}/x"), CIMultiDict(), b"{}")
+    assert answer.status == 200
+    assert await answer.read() == stream  # not an empty body: the close delimits it
+    await pool.close()
+    server.close()
+    await server.wait_closed()
+
+
+async def _close_after(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, answer: bytes
+) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(answer)
+    await writer.drain()
+    writer.close()
+
+
 async def test_the_total_timeout_ends_a_silent_exchange() -> None:
     async def reply(_: bytes, reader: asyncio.StreamReader) -> bytes:
         assert await reader.read() == b""  # no answer: wait for the client to hang up
