@@ -34,6 +34,8 @@ from yarl import URL
 
 # HTTP/1.1 answers are read in blocks of this size (aiohttp's own default is 64 KiB too)
 READ_BUFSIZE = 2**16
+# a request body shorter than this goes out in one buffer with the headers (one copy, one write)
+JOIN_BELOW = 16 * 1024
 
 
 class CannotConnect(aiohttp.ClientConnectionError):
@@ -159,9 +161,10 @@ class Connections:
             transport = conn.transport
             if transport is None:
                 raise aiohttp.ServerDisconnectedError()
-            transport.write(head + body if len(body) < 16384 else head)
-            if len(body) >= 16384:
-                transport.write(body)
+            if len(body) < JOIN_BELOW:
+                transport.write(head + body)
+            else:  # a large body is not copied to be joined to the headers
+                transport.writelines((head, body))
             conn.start_timeout()
             while True:
                 message, payload = await conn.read()
@@ -176,7 +179,9 @@ class Connections:
             message.code, message.reason, message.headers, payload, self, host, conn, timer
         )
 
-    async def _connection(self, host: Host) -> ResponseHandler:
+    def _reuse(self, host: Host) -> ResponseHandler | None:
+        """The most recently returned idle connection to ``host`` still fit to use (open, not
+        to be closed, idle for less than ``keepalive_s``); the unfit ones met on the way close."""
         idle = self._idle.get(host)
         now = time.monotonic()
         while idle:
@@ -184,6 +189,12 @@ class Connections:
             if conn.is_connected() and not conn.should_close and now - since < self.keepalive_s:
                 return conn
             self._drop(conn)
+        return None
+
+    async def _connection(self, host: Host) -> ResponseHandler:
+        conn = self._reuse(host)
+        if conn is not None:
+            return conn
         while self.limit and self._open >= self.limit:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -195,12 +206,9 @@ class Connections:
                 elif not waiter.cancelled():
                     self._wake()  # this task was woken for a slot it will not take
                 raise
-            idle = self._idle.get(host)
-            while idle:
-                conn, since = idle.pop()
-                if conn.is_connected() and not conn.should_close:
-                    return conn
-                self._drop(conn)
+            conn = self._reuse(host)
+            if conn is not None:
+                return conn
         self._open += 1
         try:
             return await self._connect(host)

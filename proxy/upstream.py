@@ -44,6 +44,8 @@ HOP_BY_HOP = frozenset(
 )
 # An answer of known length up to this size is read whole and sent in one write (not a stream).
 SMALL_BODY = 256 * 1024
+# Idle upstream connections are closed after this long (both clients' pools).
+KEEPALIVE_S = 30.0
 # Headers aiohttp's client would otherwise add on its own: a transparent proxy adds nothing.
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -110,7 +112,6 @@ class Reply(web.StreamResponse):
         self._fixed = body
         self._request: web.BaseRequest | None = None
         self._done = False
-        self._ending = False
         self.observers: list[Observer] = []
         self.on_done: list[DoneCallback] = []
         self.transform: Transform | None = None  # streamed bodies only
@@ -162,9 +163,8 @@ class Reply(web.StreamResponse):
             raise
 
     async def write_eof(self, data: bytes = b"") -> None:
-        if self._done or self._ending:
+        if self._done:
             return
-        self._ending = True  # once: the body's observers see it once
         sent = 0
         first: float | None = None
         try:
@@ -346,7 +346,7 @@ class Upstream:
         connector = aiohttp.TCPConnector(
             limit=settings.max_connections,
             ttl_dns_cache=300,
-            keepalive_timeout=30,
+            keepalive_timeout=KEEPALIVE_S,
         )
         return aiohttp.ClientSession(
             connector=connector,
@@ -362,7 +362,7 @@ class Upstream:
             settings.max_connections,
             connect_timeout_s=settings.connect_timeout_s,
             total_timeout_s=settings.total_timeout_s,
-            keepalive_s=30.0,
+            keepalive_s=KEEPALIVE_S,
         )
 
     @staticmethod
