@@ -78,6 +78,10 @@ class RequestContext:
     # filled in by the stages as the request goes (the outcome is ``proxy.outcome``'s)
     cache: str | None = None
     request_hash: str | None = None  # the cache key's hash (``cache.Keyer``), for --what-if
+    cache_key: str | None = None  # the cache key (``cache.Keyer``); never written anywhere
+    # a cache hit's memo of its accounting, shared by the hits of one entry: model ->
+    # (token fields, price) (``outcome.conclude``)
+    hit_memo: dict[str | None, tuple[dict[str, int | None], float | None]] | None = None
     hit_usage: dict[str, Any] | None = None  # a cache hit: the stored answer's usage
     attempts: int = 1
     retry_wait_ms: float = 0.0
@@ -147,7 +151,7 @@ class RequestContextStage(Stage):
         keys: Keys,
         server: ServerSettings,
         prices: PriceTable,
-        hasher: Callable[[RequestContext], object] | None = None,
+        hasher: Callable[[RequestContext, bool], object] | None = None,
     ) -> None:
         self.usage_log = usage_log
         # the usage line's request_hash of an answered request the cache did not key (off,
@@ -234,8 +238,11 @@ class RequestContextStage(Stage):
         server = self.server
         limit = server.max_body_bytes
         try:
-            if request.content.is_eof():
-                raw = await request.read()
+            content = request.content
+            if content.is_eof():  # the whole body has arrived (the common case): taken at once
+                raw = content.read_nowait()
+                if len(raw) > limit:
+                    raise web.HTTPRequestEntityTooLarge(limit, len(raw))
             else:  # the body is still arriving: it has body_timeout_s to finish
                 async with asyncio.timeout(server.body_timeout_s):
                     raw = await request.read()
@@ -338,8 +345,8 @@ class RequestContextStage(Stage):
                 settle(outcome)
             except Exception:  # a settlement never breaks the response or the usage log
                 structlog.get_logger("thriftgate").exception("settle_failed")
-        if self.hasher is not None and outcome.status < 300:
-            self.hasher(ctx)
+        if self.hasher is not None:
+            self.hasher(ctx, outcome.status < 300)
         self.usage_log.write(outcome)
 
 

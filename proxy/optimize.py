@@ -15,6 +15,7 @@ neither costs this stage a few attribute checks.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -135,7 +136,11 @@ class OptimizeStage(Stage):
         self.catalogue = catalogue
         self.configured = settings.trim or settings.dynamic_max_tokens
 
-    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def __call__(  # type: ignore[override]
+        self, request: web.Request, handler: Handler
+    ) -> Awaitable[web.StreamResponse]:
+        """A request with nothing to optimise (every request, unless configured or asked) is
+        handed on as it is: the next stage's awaitable, without a coroutine of this stage's."""
         ctx = context_of(request)
         if (
             ctx is not None
@@ -146,7 +151,13 @@ class OptimizeStage(Stage):
         ):
             keep = keep_for(ctx.control, self.settings)
             if keep is not None or self.settings.dynamic_max_tokens:
-                await self._optimise(ctx, keep)
+                return self._optimised(request, handler, ctx, keep)
+        return handler(request)
+
+    async def _optimised(
+        self, request: web.Request, handler: Handler, ctx: RequestContext, keep: int | None
+    ) -> web.StreamResponse:
+        await self._optimise(ctx, keep)
         return await handler(request)
 
     async def _optimise(self, ctx: RequestContext, keep: int | None) -> None:

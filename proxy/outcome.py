@@ -178,7 +178,15 @@ def conclude(
     if ctx.media is not None and recorder is not None:  # an answer was delivered
         _media_facts(ctx, answer if status < 300 else None, usage, media)
         model = model or ctx.media.model
-    fields = token_fields(usage)
+    memo = ctx.hit_memo if ctx.cache == "hit" and ctx.media is None else None
+    known = memo.get(model) if memo is not None else None
+    if known is not None:  # a hit on an entry already counted: the same usage, the same price
+        fields, price = known
+    else:
+        fields = token_fields(usage)
+        price = _price(ctx, model, status, usage, fields, prices)
+        if memo is not None and len(memo) < 8:
+            memo[model] = (fields, price)
     return Outcome(
         ctx=ctx,
         status=status,
@@ -186,8 +194,8 @@ def conclude(
         model=model,
         usage=usage,
         tokens_source=source if usage else None,
-        tokens=fields,
-        price_usd=_price(ctx, model, status, usage, fields, prices),
+        tokens=fields,  # never written (shared by the hits of one entry)
+        price_usd=price,
         latency_ms=latency_ms,
         ttft_ms=ttft_ms,
         media=media,

@@ -460,3 +460,59 @@ async def test_the_stage_alone_serves_a_hit_until_its_clock_says_expired(
     now[0] += 2  # past the default TTL
     assert (await app.post(CHAT)).headers[CACHE_HEADER] == "MISS"
     assert len(app.calls) == 2
+
+
+async def test_memory_entries_are_compact_until_hit_and_their_sizes_add_up() -> None:
+    """An answer nobody asks for again is kept as one bytes object; its first hit makes the
+    entry the later hits share. Expiry, LRU order and the byte count hold for both forms."""
+    now = [1000.0]
+    backend = MemoryBackend(max_bytes=700, metrics=Metrics(), clock=lambda: now[0])
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    made = {
+        k: Entry(
+            200,
+            (("Content-Type", "application/json"), ("x-request-id", f"req_{k}")),
+            k.encode() * 200,
+            999.5,
+            usage,
+            2000.0,
+        )
+        for k in "abcd"
+    }
+    backend.store("a", made["a"], 60)
+    backend.store("b", made["b"], 60)
+    assert backend.bytes == made["a"].size + made["b"].size
+    first = backend.peek("a")
+    assert first == made["a"] and first is not made["a"]  # made again from its compact form
+    assert backend.peek("a") is first  # the later hits share it
+    backend.store("c", made["c"], 60)  # evicts b, the least recently used (still compact)
+    assert backend.keys() == ["a", "c"]
+    assert backend.bytes == made["a"].size + made["c"].size
+    backend.store("d", made["d"], 60)  # evicts a (the entry a hit made)
+    assert backend.keys() == ["c", "d"]
+    assert backend.bytes == made["c"].size + made["d"].size
+    now[0] += 61  # both expire: compact entries and hit ones alike
+    assert backend.peek("c") is None and backend.peek("d") is None
+    assert backend.bytes == 0 and len(backend) == 0
+
+
+async def test_every_hit_on_one_answer_replays_the_same_headers_and_accounting(
+    proxy: Proxy, fake: FakeOpenAI
+) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hit me often"}]}
+    _, first, answer = await post(proxy, body)
+    hits = [await post(proxy, body) for _ in range(3)]
+    assert fake.calls("/v1/chat/completions") == 1
+    miss, *hit_lines = await proxy.usage.wait(4)
+    for _, headers, replayed in hits:
+        assert replayed == answer
+        assert headers[CACHE_HEADER] == "HIT" and int(headers["age"]) >= 0
+        assert headers["x-request-id"] == first["x-request-id"]
+        assert headers["Content-Type"] == first["Content-Type"]
+    for line in hit_lines:
+        assert line["cache"] == "hit" and line["cost_usd"] == 0.0
+        assert line["saved_usd"] == pytest.approx(miss["cost_usd"]) and miss["cost_usd"] > 0
+        assert line["upstream_request_id"] == miss["upstream_request_id"]
+        assert line["request_hash"] == miss["request_hash"]
+        for field in ("prompt_tokens", "completion_tokens", "total_tokens", "tokens_source"):
+            assert line[field] == miss[field], field

@@ -167,3 +167,24 @@ def test_the_cache_replay_forgets_what_expired() -> None:
             )
     assert w.cache["would_hit"] == 30_000
     assert len(w.stored) < 25_000  # what expired was forgotten along the way
+
+
+async def test_request_hash_of_a_failed_call_and_of_a_bypass(
+    make_proxy: MakeProxy, fake: FakeOpenAI
+) -> None:
+    """A request the cache keyed carries its request_hash whatever became of it (an upstream
+    500 too); one the cache did not key (``no-store``) only when it was answered."""
+    proxy = await make_proxy()
+    fake.fail_next(Fault(status=500))
+    await ask(proxy, chat("x", temperature=0))  # keyed, failed
+    await ask(proxy, chat("x", temperature=0))  # keyed, answered (a miss: the 500 was not kept)
+    fake.fail_next(Fault(status=500))
+    no_store = {"x-thriftgate-max-retries": "0", "Cache-Control": "no-store"}
+    await post(proxy, chat("x", temperature=0), headers=no_store)  # not keyed, failed
+    await post(proxy, chat("x", temperature=0), headers=no_store)  # not keyed, answered
+    failed, answered, bypass_failed, bypassed = await proxy.usage.wait(4)
+    assert (failed["status"], failed["cache"]) == (500, "miss")
+    assert (answered["status"], answered["cache"]) == (200, "miss")
+    assert failed["request_hash"] == answered["request_hash"] is not None
+    assert (bypass_failed["status"], bypass_failed["request_hash"]) == (500, None)
+    assert bypassed["cache"] == "bypass" and bypassed["request_hash"] == answered["request_hash"]
