@@ -200,14 +200,18 @@ class MemoryBackend:
     async def drain(self) -> None:
         return None
 
-    def store(self, key: str, entry: Entry, ttl_s: float) -> None:
+    def store(self, key: str, entry: Entry, ttl_s: float, *, hit: bool = False) -> None:
+        """Keep ``entry`` (compact; as it is when it was just ``hit``, fetched from Redis)."""
         size = entry.size
         if size > self.max_bytes or ttl_s <= 0:
             return
         if key in self._entries:
             self._drop(key)
         expires = self.clock() + ttl_s
-        self._entries[key] = _COMPACT.pack(expires, size) + entry.encode(_NEVER_COMPRESSED)
+        if hit:
+            self._entries[key] = (entry, expires, size)
+        else:
+            self._entries[key] = _COMPACT.pack(expires, size) + entry.encode(_NEVER_COMPRESSED)
         self.bytes += size
         while self.bytes > self.max_bytes:
             oldest = next(iter(self._entries))
@@ -258,7 +262,7 @@ class RedisBackend(Shared[MemoryBackend | None]):
             log.warning("cache_entry_unreadable", key=key[:16])
             return None
         if self.local is not None:
-            self.local.store(key, entry, entry.expires_at - self.local.clock())
+            self.local.store(key, entry, entry.expires_at - self.local.clock(), hit=True)
         return entry
 
     def store(self, key: str, entry: Entry, ttl_s: float) -> None:

@@ -424,6 +424,10 @@ async def test_local_copy_in_front_of_redis_keeps_the_entry_expiry(
     (key,) = backend.local.keys()
     entry = await backend.local.get(key)  # ...now kept locally
     assert entry is not None and entry.expires_at - entry.stored_at == pytest.approx(100)
+    three = stage_of(await make_proxy(env={"REDIS_URL": redis_url})).backend
+    assert isinstance(three, RedisBackend)
+    fetched = await three.get(key)  # from Redis: kept locally as fetched, not made again
+    assert fetched == entry and three.peek(key) is fetched
     now[0] = entry.expires_at - 1
     assert (await post(two, CHAT))[1]["x-thriftgate-cache"] == "HIT"
     now[0] += 2  # past the answer's own expiry, the local copy is not served
