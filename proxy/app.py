@@ -28,6 +28,7 @@ from proxy.config import Settings
 from proxy.console import access_writer
 from proxy.context import RequestContextStage
 from proxy.dashboard import SUMMARY
+from proxy.endpoints import ENDPOINTS
 from proxy.errors import ErrorStage
 from proxy.forward import Upstreams, forward, send_upstream
 from proxy.keys import Keys
@@ -147,6 +148,10 @@ def create_app(
         app.cleanup_ctx.append(p.lifespan)
     app.on_shutdown.append(_mark_shutting_down)
     routes(app)
+    # the paid endpoints by their exact paths (found in one dict lookup, no pattern to match),
+    # then the rest of /v1: the same handler either way
+    for path in ENDPOINTS:
+        app.router.add_route("*", path, forward)
     app.router.add_route("*", "/v1/{tail:.*}", forward)
     return app
 
