@@ -78,7 +78,7 @@ class RequestContext:
     # filled in by the stages as the request goes (the outcome is ``proxy.outcome``'s)
     cache: str | None = None
     request_hash: str | None = None  # the cache key's hash (``cache.Keyer``), for --what-if
-    cache_key: str | None = None  # the cache key (``cache.Keyer``); never written anywhere
+    cache_key: str | None = None  # ``cache.Keyer``'s key: never logged (it names the entry)
     # a cache hit's memo of its accounting, shared by the hits of one entry: model ->
     # (token fields, price) (``outcome.conclude``)
     hit_memo: dict[str | None, tuple[dict[str, int | None], float | None]] | None = None
@@ -154,8 +154,8 @@ class RequestContextStage(Stage):
         hasher: Callable[[RequestContext, bool], object] | None = None,
     ) -> None:
         self.usage_log = usage_log
-        # the usage line's request_hash of an answered request the cache did not key (off,
-        # bypassed): ``cache.Keyer.request_hash``
+        # the usage line's request_hash, made when a request is concluded (of the key the cache
+        # looked up, or for an answered request it did not key, as if it had): ``Keyer``'s
         self.hasher = hasher
         self.prices = prices
         self.keys = keys
