@@ -14,7 +14,7 @@ import openai
 import orjson
 import pytest
 from aiohttp.test_utils import TestServer
-from browser import CHROMEDRIVER, CHROMIUM, chromium
+from browser import CHROMEDRIVER, CHROMIUM, Browser, chromium
 from conftest import API_KEY, LogSink, MakeProxy, start
 from fake_openai import FakeOpenAI
 from test_pages import SHOTS, check_numbers
@@ -26,6 +26,17 @@ from proxy.summary import Summary
 TOKEN = "admin-token-for-the-dashboard-0123"
 HOSTILE_TAG = "<img src=x onerror=alert(1)>"
 READ_TOTAL = "return document.querySelector('[data-k=\"total.requests\"]')?.textContent ?? ''"
+
+
+async def log_in(browser: Browser) -> None:
+    """Send the login form and wait for the dashboard it leads to: a click may return before
+    the form's answer (and its cookie) has arrived, and the next navigation would cancel it."""
+    await browser.type("#token", TOKEN)
+    await browser.click("button[type=submit]")
+    async with asyncio.timeout(10):
+        while not await browser.run(READ_TOTAL):  # noqa: ASYNC110 - the browser navigates
+            await asyncio.sleep(0.05)
+
 
 needs_browser = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromium-driver are not installed"
@@ -119,8 +130,7 @@ async def test_the_dashboard_in_a_browser(
     log.write_bytes(proxy.usage.getvalue())
     async with chromium() as browser:
         await browser.open(proxy.url + "/dashboard")
-        await browser.type("#token", TOKEN)
-        await browser.click("button[type=submit]")
+        await log_in(browser)
         assert await browser.run("return location.pathname + location.search") == "/dashboard"
         assert await browser.run("return document.cookie") == ""  # HttpOnly
         numbers = await browser.numbers()
@@ -184,8 +194,7 @@ async def test_the_dashboard_sums_every_worker(
         log = server.log.with_suffix(".usage")
         async with chromium() as browser:
             await browser.open(server.url + "/dashboard")
-            await browser.type("#token", TOKEN)
-            await browser.click("button[type=submit]")
+            await log_in(browser)
             # whichever worker answers (new connections), it shows both workers' requests
             for _ in range(4):
                 await browser.open(server.url + "/dashboard")
