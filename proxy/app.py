@@ -30,6 +30,7 @@ from proxy.context import RequestContextStage
 from proxy.dashboard import SUMMARY
 from proxy.endpoints import ENDPOINTS
 from proxy.errors import ErrorStage
+from proxy.express import ExpressLane
 from proxy.forward import Upstreams, forward, send_upstream
 from proxy.keys import Keys
 from proxy.metrics import Metrics
@@ -46,6 +47,8 @@ from proxy.usage import UsageLog, open_for_append
 
 CONTEXT: web.AppKey[RequestContextStage] = web.AppKey("context", RequestContextStage)
 PARTS: web.AppKey[tuple[Part, ...]] = web.AppKey("parts", tuple)  # and the chain's stages
+# the express lane (``proxy.express``): the connections answer hits found in memory themselves
+EXPRESS: web.AppKey[ExpressLane] = web.AppKey("express", ExpressLane)
 
 
 def create_app(
@@ -91,6 +94,7 @@ def create_app(
         follower_wait_s=settings.upstream.total_timeout_s,
         clock=wall_clock,
     )
+    optimize = OptimizeStage(settings.optimize, catalogue)
     parts: list[Part] = [
         Upstreams(settings, metrics, clock, rng),  # the client session and the pool of upstreams
         RedisConnection(settings.redis, metrics, clock),  # app[REDIS]: None without Redis
@@ -102,7 +106,7 @@ def create_app(
     stages: list[Stage] = [
         ErrorStage(),  # outermost: any exception becomes OpenAI's error envelope
         context,  # request id, key, path/header/control checks, parsed body, the outcome
-        OptimizeStage(settings.optimize, catalogue),  # opt-in trimming, output limits
+        optimize,  # opt-in trimming, output limits
         cache,  # exact-match answers, single-flight
         AdmissionStage(catalogue, force_stream_usage=settings.usage.force_stream_usage),
         BudgetStage(
@@ -140,6 +144,10 @@ def create_app(
     app[STATE] = AppState(started=time.monotonic())
     app[CONTEXT] = context
     app[CACHE] = cache
+    if settings.server.express and cache.active:
+        # answers a hit as it arrives; everything else goes down the chain above (with the
+        # context stage's front work done: see proxy.express)
+        app[EXPRESS] = ExpressLane(context, optimize, cache)
     if summary is not None:
         app[SUMMARY] = summary
         dashboard.routes(app)

@@ -16,6 +16,7 @@ returns the stored body bytes (decoded, so any client can read them) with the or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import hashlib
 import struct
@@ -24,11 +25,15 @@ import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any, Protocol
 
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_writer import _serialize_headers
 from multidict import CIMultiDict
 
 from proxy.config import CacheSettings
@@ -65,6 +70,9 @@ class Entry:
     request_id: str | None = field(default=None, init=False, compare=False)
     request_hash: str | None = field(default=None, init=False, compare=False)
     memo: dict[Any, Any] | None = field(default=None, init=False, compare=False)
+    # made at its first express-lane hit (``wired``): the answer's bytes as the chain's hit would
+    # write them, around the two that change (``age``, ``Date``); b"" when the lane leaves it
+    wire: tuple[bytes, bytes] | None = field(default=None, init=False, compare=False)
 
     def prepare(self, key: str) -> tuple[tuple[str, str], ...]:
         """What every hit on this entry shares, made once (``replay``)."""
@@ -75,6 +83,28 @@ class Entry:
         self.memo = {}
         self.replay = (*self.headers, (CACHE_HEADER, "HIT"))
         return self.replay
+
+    def wired(self, key: str) -> tuple[bytes, bytes]:
+        """``wire``, made once: the status line and the replayed headers up to ``age: ``, then
+        from the end of ``age`` to ``Date: ``, as aiohttp writes a hit (``web.Response`` adds
+        ``Content-Length``, ``Date`` and ``Server`` after the headers given to it). Empty (the
+        chain answers) for an answer aiohttp would add more to: no ``Content-Type``, no body, a
+        header this proxy does not replay (an entry written to Redis by something else)."""
+        replay = self.replay if self.replay is not None else self.prepare(key)
+        names = {name for name, _ in self.headers}
+        self.wire = (b"", b"")
+        if self.body and "Content-Type" in names and names <= _REPLAYED_NAMES:
+            try:
+                reason = HTTPStatus(self.status).phrase
+            except ValueError:
+                reason = ""
+            with contextlib.suppress(ValueError):  # a header aiohttp would refuse to write
+                head = _serialize_headers(f"HTTP/1.1 {self.status} {reason}", CIMultiDict(replay))
+                self.wire = (
+                    head[:-2] + b"age: ",
+                    b"\r\nContent-Length: %d\r\nDate: " % len(self.body),
+                )
+        return self.wire
 
     @property
     def size(self) -> int:
@@ -289,6 +319,10 @@ REPLAYED_HEADERS = (
 )
 
 
+_REPLAYED_NAMES = frozenset(REPLAYED_HEADERS)
+_SERVER = f"\r\nServer: {SERVER_SOFTWARE}\r\n\r\n".encode()
+
+
 def _replayed(headers: CIMultiDict[str]) -> tuple[tuple[str, str], ...]:
     return tuple((name, v) for name in REPLAYED_HEADERS if (v := headers.get(name)) is not None)
 
@@ -450,7 +484,8 @@ class CacheStage(Stage):
             return await handler(request)
         ttl = self.settings.ttl_s if ctx.control.cache_ttl_s is None else ctx.control.cache_ttl_s
         control = request.headers.get("Cache-Control", "").lower()
-        key = None if "no-store" in control else self.keyer.key(ctx)
+        # (the key, made by the express lane when it looked first)
+        key = None if "no-store" in control else (ctx.cache_key or self.keyer.key(ctx))
         if key is None:
             ctx.cache = "bypass"
             self.metrics.cache["bypass"] += 1
@@ -498,17 +533,46 @@ class CacheStage(Stage):
             return None
 
     def _hit(self, ctx: RequestContext, entry: Entry, key: str) -> web.Response:
+        # content-type, openai-*, x-request-id, then x-thriftgate-cache: HIT (never these two)
+        replay = entry.replay if entry.replay is not None else entry.prepare(key)
+        age = self._served(ctx, entry)
+        # one header multidict, built by the response (not a copy built here and copied there)
+        return web.Response(
+            status=entry.status, body=entry.body, headers=(*replay, ("age", str(age)))
+        )
+
+    def _served(self, ctx: RequestContext, entry: Entry) -> int:
+        """A hit on a prepared ``entry``, noted; its ``age``."""
         ctx.cache = "hit"
         ctx.hit_usage = entry.usage
         self.metrics.cache["hit"] += 1
-        # content-type, openai-*, x-request-id, then x-thriftgate-cache: HIT (never these two)
-        replay = entry.replay if entry.replay is not None else entry.prepare(key)
         ctx.upstream_request_id = entry.request_id
         ctx.request_hash = entry.request_hash
         ctx.hit_memo = entry.memo
-        age = str(max(0, int(self.clock() - entry.stored_at)))
-        # one header multidict, built by the response (not a copy built here and copied there)
-        return web.Response(status=entry.status, body=entry.body, headers=(*replay, ("age", age)))
+        return max(0, int(self.clock() - entry.stored_at))
+
+    def express_hit(
+        self, ctx: RequestContext, cache_control: str | None
+    ) -> tuple[int, bytes] | None:
+        """For the express lane (``proxy.express``): the status and the whole answer to a
+        request found in this process's memory, the very bytes the chain's hit writes, the hit
+        noted; or None, the request left to the chain (which uses the key made here). A request
+        with a ``Cache-Control`` header is the chain's."""
+        if self.backend is None or not ctx.optimised or cache_control is not None:
+            return None
+        key = self.keyer.key(ctx)
+        if key is None:
+            return None
+        entry = self.backend.peek(key)
+        if entry is None:
+            return None
+        head, length = entry.wire if entry.wire is not None else entry.wired(key)
+        if not head:
+            return None
+        age = self._served(ctx, entry)
+        self.metrics.cache["express"] += 1
+        date = rfc822_formatted_time().encode()
+        return entry.status, b"".join((head, b"%d" % age, length, date, _SERVER, entry.body))
 
     def _record(
         self,

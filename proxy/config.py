@@ -107,6 +107,7 @@ class ServerSettings:
     scope_secret: Annotated[str, not_empty] = field(default="thriftgate-scope-v1", repr=False)
     header_timeout_s: Seconds = 10.0  # a request's headers must arrive whole within this
     body_timeout_s: Seconds = 60.0  # ...and its body without a pause longer than this
+    express: bool = True  # cache hits found in memory answered as they arrive (proxy.express)
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,6 +450,7 @@ ENV_VARS: dict[tuple[str, str], tuple[str, ...]] = {
     ("server", "scope_secret"): ("THRIFTGATE_SCOPE_SECRET",),
     ("server", "header_timeout_s"): ("THRIFTGATE_HEADER_TIMEOUT_S",),
     ("server", "body_timeout_s"): ("THRIFTGATE_BODY_TIMEOUT_S",),
+    ("server", "express"): ("THRIFTGATE_EXPRESS",),
     ("log", "format"): ("THRIFTGATE_LOG_FORMAT",),
     ("log", "level"): ("THRIFTGATE_LOG_LEVEL",),
     ("upstream", "url"): ("THRIFTGATE_UPSTREAM_URL",),

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDictProxy
 
 from proxy.answers import UsageRecorder
-from proxy.endpoints import ENDPOINTS
+from proxy.endpoints import ENDPOINTS, Endpoint
 from proxy.errors import InvalidRequest, PayloadTooLarge, ProxyError, RequestTimeout
 from proxy.inbound import NO_CONTROL, Control, check_path, decode_body, read_headers, safe_text
 from proxy.keys import NOBODY, Identity
@@ -134,6 +136,26 @@ async def counted(ctx: RequestContext) -> Count | None:
     return ctx.count
 
 
+@dataclass(slots=True)
+class Prepared:
+    """What the express lane (``proxy.express``) made of a request it did not answer, for the
+    chain to go on with: the context (checked, its body read and parsed), or the error found."""
+
+    content: StreamReader  # the request's body stream: which request this is
+    ctx: RequestContext
+    error: Exception | None = None
+
+
+def adopt(request: web.Request) -> Prepared | None:
+    """The express lane's work on this request, taken (once), if it did any."""
+    protocol = request.protocol
+    prepared: Prepared | None = getattr(protocol, "prepared", None)
+    if prepared is None or prepared.content is not request.content:
+        return None
+    protocol.prepared = None  # type: ignore[attr-defined]
+    return prepared
+
+
 def context_of(request: web.Request) -> RequestContext | None:
     try:
         return request[CTX]
@@ -176,41 +198,35 @@ class RequestContextStage(Stage):
         if not path.startswith("/v1/"):
             return await handler(request)
         headers = request.headers
-        who = self.keys.identify(headers.get("Authorization"))
-        ctx = RequestContext(
-            request_id=f"{self._id_prefix}{next(self._ids):016x}",
-            started=time.monotonic(),
-            method=request.method,
-            endpoint=path if path.isascii() else safe_text(path),
-            key=who.fingerprint,
-            who=who,
-            query=request.query_string,
+        # a request the express lane (``proxy.express``) read and could not answer: its context,
+        # made there (the checks, the body read and parsed), or the error it found
+        prepared = adopt(request)
+        ctx = (
+            prepared.ctx
+            if prepared is not None
+            else self.begin(request.method, path, request.query_string, headers)
         )
         request[CTX] = ctx
         # aiohttp runs each request in a task of its own (a copy of the connection's context),
         # so what is bound here never leaks into the next request: no need to clear first.
         structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
         try:
-            check_path(request.raw_path)
-            ctx.control = read_headers(headers)  # every header's bytes checked here
-            ctx.tags = ctx.control.tags
-            ctx.key_alias = self.keys.alias(who)
-            ctx.organization = headers.get("OpenAI-Organization")
-            ctx.project = headers.get("OpenAI-Project")
-            endpoint = ENDPOINTS.get(path) if request.method == "POST" else None
-            if endpoint is not None:
-                ctx.kind = endpoint.kind
-                if endpoint.text:
-                    ctx.optimised = True  # the text stages act on it
-                    await self._parse(request, ctx)
-                else:
-                    ctx.media = MediaFacts()
-                    if endpoint.json:  # read, but no text stage acts on it
-                        await self._parse(request, ctx)
-                        if ctx.body is not None:
-                            ctx.media.read_request(ctx.body)
+            if prepared is not None:
+                if prepared.error is not None:
+                    raise prepared.error
+            else:
+                endpoint = self.admit(ctx, request.raw_path, headers)
+                if endpoint is not None:
+                    if endpoint.text:
+                        self.take_body(ctx, await self._read(request), headers)
                     else:
-                        ctx.form = FormFields(ctx.media)
+                        ctx.media = MediaFacts()
+                        if endpoint.json:  # read, but no text stage acts on it
+                            self.take_body(ctx, await self._read(request), headers)
+                            if ctx.body is not None:
+                                ctx.media.read_request(ctx.body)
+                        else:
+                            ctx.form = FormFields(ctx.media)
             resp = await handler(request)
         except ProxyError as exc:
             self._close(ctx, exc.status, exc.code)
@@ -229,33 +245,81 @@ class RequestContextStage(Stage):
             recorder = watch(resp)
             resp.on_done.append(lambda d: self._delivered(ctx, resp, recorder, d))
         else:
-            # an answer the proxy made itself (a cache hit): its outcome (settlements, usage line,
-            # metrics) is concluded once it has been written, not before; the client waits less
-            self._end(self._closing(ctx, resp.status, None))
+            self.answered(ctx, resp.status)
         return resp
 
-    async def _parse(self, request: web.Request, ctx: RequestContext) -> None:
+    def answered(self, ctx: RequestContext, status: int) -> None:
+        """A request the proxy answered itself (a cache hit): its outcome (settlements, usage
+        line, metrics) is concluded once the answer has been written, not before (the client
+        waits less), with the others that end in this turn."""
+        self._end(self._closing(ctx, status, None))
+
+    def begin(
+        self, method: str, path: str, query: str, headers: CIMultiDictProxy[str]
+    ) -> RequestContext:
+        """A /v1 request's context: its id, its start, its key (nothing here refuses)."""
+        who = self.keys.identify(headers.get("Authorization"))
+        return RequestContext(
+            request_id=f"{self._id_prefix}{next(self._ids):016x}",
+            started=time.monotonic(),
+            method=method,
+            endpoint=path if path.isascii() else safe_text(path),
+            key=who.fingerprint,
+            who=who,
+            query=query,
+        )
+
+    def admit(
+        self, ctx: RequestContext, raw_path: str, headers: CIMultiDictProxy[str]
+    ) -> Endpoint | None:
+        """The checks of the path and of every header (``ProxyError`` for what is refused), the
+        control headers read; the paid endpoint this is a POST to, if any."""
+        check_path(raw_path)
+        ctx.control = read_headers(headers)  # every header's bytes checked here
+        ctx.tags = ctx.control.tags
+        ctx.key_alias = self.keys.alias(ctx.who)
+        ctx.organization = headers.get("OpenAI-Organization")
+        ctx.project = headers.get("OpenAI-Project")
+        endpoint = ENDPOINTS.get(ctx.endpoint) if ctx.method == "POST" else None
+        if endpoint is not None:
+            ctx.kind = endpoint.kind
+            ctx.optimised = endpoint.text  # the text stages act on it
+        return endpoint
+
+    def whole_body(self, content: StreamReader) -> bytes:
+        """A body that has arrived whole, taken at once (413 past the limit)."""
+        raw = content.read_nowait()
+        if len(raw) > self.server.max_body_bytes:
+            raise self._too_large()
+        return raw
+
+    async def _read(self, request: web.Request) -> bytes:
         server = self.server
-        limit = server.max_body_bytes
-        try:
-            content = request.content
-            if content.is_eof():  # the whole body has arrived (the common case): taken at once
-                raw = content.read_nowait()
-                if len(raw) > limit:
-                    raise web.HTTPRequestEntityTooLarge(limit, len(raw))
-            else:  # the body is still arriving: it has body_timeout_s to finish
-                async with asyncio.timeout(server.body_timeout_s):
-                    raw = await request.read()
+        content = request.content
+        if content.is_eof():  # the whole body has arrived (the common case)
+            return self.whole_body(content)
+        try:  # the body is still arriving: it has body_timeout_s to finish
+            async with asyncio.timeout(server.body_timeout_s):
+                return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(
-                f"The request body is larger than this proxy's limit of {limit} bytes"
-            ) from None
+            raise self._too_large() from None
         except TimeoutError:
             raise RequestTimeout(
                 f"The request body did not arrive within {server.body_timeout_s:g} s"
             ) from None
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"The request body is larger than this proxy's limit of {self.server.max_body_bytes} "
+            "bytes"
+        )
+
+    def take_body(self, ctx: RequestContext, raw: bytes, headers: CIMultiDictProxy[str]) -> None:
+        """The body, decoded and parsed (``InvalidRequest`` for what is not a JSON object; a body
+        the proxy cannot read leaves ``ctx.unreadable`` set and goes on unread)."""
+        limit = self.server.max_body_bytes
         ctx.raw = raw
-        text = decode_body(raw, request.headers.get("Content-Encoding"), limit)
+        text = decode_body(raw, headers.get("Content-Encoding"), limit)
         if text is None:  # an encoding this process cannot undo: the upstream decides
             ctx.unreadable = "body"
             return

@@ -17,7 +17,8 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from proxy.pool import Target
 
-CACHE_EVENTS = ("hit", "miss", "bypass", "store", "eviction", "coalesced")
+# express: the hits the express lane answered (counted in hit as well; proxy.express)
+CACHE_EVENTS = ("hit", "miss", "bypass", "store", "eviction", "coalesced", "express")
 # seconds; the upper bounds of the latency and time-to-first-token histograms
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 MAX_MODELS = 200  # distinct model labels kept; the rest are counted as "other"

@@ -142,17 +142,22 @@ class OptimizeStage(Stage):
         """A request with nothing to optimise (every request, unless configured or asked) is
         handed on as it is: the next stage's awaitable, without a coroutine of this stage's."""
         ctx = context_of(request)
-        if (
-            ctx is not None
-            and ctx.body is not None
+        if ctx is not None and self.acts_on(ctx):
+            return self._optimised(request, handler, ctx, keep_for(ctx.control, self.settings))
+        return handler(request)
+
+    def acts_on(self, ctx: RequestContext) -> bool:
+        """Whether this stage changes (or may change) the request: trimming or an output limit
+        configured or asked for, on a readable chat or Responses body."""
+        return (
+            ctx.body is not None
             and ctx.unreadable is None
             and (self.configured or ctx.control.trim_keep is not None)
             and ctx.endpoint in (CHAT, RESPONSES)
-        ):
-            keep = keep_for(ctx.control, self.settings)
-            if keep is not None or self.settings.dynamic_max_tokens:
-                return self._optimised(request, handler, ctx, keep)
-        return handler(request)
+            and (
+                keep_for(ctx.control, self.settings) is not None or self.settings.dynamic_max_tokens
+            )
+        )
 
     async def _optimised(
         self, request: web.Request, handler: Handler, ctx: RequestContext, keep: int | None

@@ -29,11 +29,14 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.http import RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.config import Settings, redact_url
 from proxy.console import banner, summary
+from proxy.context import Prepared
 from proxy.errors import envelope, error_response
+from proxy.express import ExpressLane
 from proxy.inbound import safe_text
 
 log = structlog.get_logger("thriftgate")
@@ -52,19 +55,56 @@ def _error_bytes(status: int, reason: str, message: str, code: str) -> tuple[byt
 
 
 class ProxyRequestHandler(RequestHandler):
-    """aiohttp's connection handler with OpenAI-envelope refusals and a header deadline."""
+    """aiohttp's connection handler with OpenAI-envelope refusals, a header deadline and the
+    express lane (``proxy.express``)."""
 
     header_timeout_s = 10.0
 
-    def __init__(self, *args: Any, header_timeout_s: float = 10.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        header_timeout_s: float = 10.0,
+        express: ExpressLane | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout_s = header_timeout_s
         self._header_timer: asyncio.TimerHandle | None = None
+        self.express = express
+        # what the express lane made of the request it handed to the chain (``context.adopt``)
+        self.prepared: Prepared | None = None
 
     def data_received(self, data: bytes) -> None:
         idle = not self._request_in_progress and not self._messages
         before = self._request_count
-        super().data_received(data)
+        # the connection's task waits for a request: the express lane looks at what arrives
+        # first, and the task is woken only for what the lane leaves to it
+        waiter = self._waiter
+        lane = (
+            self.express
+            if idle and waiter is not None and not waiter.done() and not self._paused
+            else None
+        )
+        if lane is None or waiter is None:
+            super().data_received(data)
+        else:
+            self._waiter = None
+            try:
+                super().data_received(data)
+            finally:
+                self._waiter = waiter
+                transport = self.transport
+                if (
+                    len(self._messages) == 1
+                    and transport is not None
+                    and not transport.is_closing()
+                ):
+                    try:
+                        self._express(lane)
+                    except Exception:  # never a request left waiting: the chain has it
+                        log.exception("express_lane_failed")
+                if self._messages and not waiter.done():
+                    waiter.set_result(None)
         if self._request_count != before:  # a request's headers arrived whole
             if self._header_timer is not None:
                 self._header_timer.cancel()
@@ -73,6 +113,26 @@ class ProxyRequestHandler(RequestHandler):
             # part of a request's headers (the common case, whole headers in one read, arms no
             # timer): the rest has header_timeout_s to arrive
             self._header_timer = self._loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def _express(self, lane: ExpressLane) -> None:
+        message, payload = self._messages[0]
+        if type(message) is not RawRequestMessage:  # a request aiohttp could not parse
+            return
+        taken = lane.take(message, payload, self.transport.write)  # type: ignore[union-attr]
+        if taken is True:  # answered: as aiohttp's own loop ends a keep-alive request
+            self._messages.popleft()
+            consumed = getattr(self._parser, "message_consumed", None)  # aiohttp >= 3.14.3
+            if consumed is not None:
+                consumed()
+            if self._manager is not None:
+                self._manager.requests_count += 1
+            self._keepalive = True
+            close_time = self._loop.time() + self.keepalive_timeout
+            self._next_keepalive_close_time = close_time
+            if self._keepalive_handle is None:
+                self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+        elif taken is not False:
+            self.prepared = taken
 
     @property
     def task(self) -> asyncio.Task[None] | None:
@@ -152,11 +212,14 @@ class ProxyRunner(web.AppRunner):
 
 
 def runner_for(app: web.Application, settings: Settings, **kwargs: Any) -> ProxyRunner:
+    from proxy.app import EXPRESS
+
     return ProxyRunner(
         app,
         handler_cancellation=True,  # a client that goes away cancels its request
         access_log=None,
         header_timeout_s=settings.server.header_timeout_s,
+        express=app.get(EXPRESS),
         shutdown_timeout=STOP_MARGIN_S,
         **kwargs,
     )

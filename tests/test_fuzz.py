@@ -127,9 +127,19 @@ def encode(body: Any) -> bytes:
         return json.dumps(body).encode()
 
 
-def request(method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> bytes:
+def request(
+    method: str,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes = b"",
+    *,
+    keep_alive: bool = False,
+) -> bytes:
+    """Kept alive, a request that arrives whole is the express lane's first (proxy.express)."""
     lines = [f"{method} ".encode() + path.encode("latin-1") + b" HTTP/1.1", b"Host: proxy"]
-    lines += [b"Connection: close", *(k + b": " + v for k, v in headers)]
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    lines += [k + b": " + v for k, v in headers]
     lines += [b"Content-Length: " + str(len(body)).encode(), b"", b""]
     return b"\r\n".join(lines) + body
 
@@ -174,9 +184,16 @@ async def fuzz_proxy(make_proxy: MakeProxy, tmp_path: Any) -> Proxy:
     body=bodies,
     key=st.sampled_from([API_KEY, BUDGETED_KEY, "", "x"]),
     gzipped=st.booleans(),
+    keep_alive=st.booleans(),
 )
 async def test_fuzzed_bodies(
-    fuzz_proxy: Proxy, fake: FakeOpenAI, endpoint: str, body: Any, key: str, gzipped: bool
+    fuzz_proxy: Proxy,
+    fake: FakeOpenAI,
+    endpoint: str,
+    body: Any,
+    key: str,
+    gzipped: bool,
+    keep_alive: bool,
 ) -> None:
     data = encode(body)
     headers = [(b"Content-Type", b"application/json")]
@@ -185,7 +202,8 @@ async def test_fuzzed_bodies(
     if gzipped:
         data = gzip.compress(data)
         headers.append((b"Content-Encoding", b"gzip"))
-    await check(fuzz_proxy, fake, request("POST", endpoint, headers, data), data, v1=True)
+    raw = request("POST", endpoint, headers, data, keep_alive=keep_alive)
+    await check(fuzz_proxy, fake, raw, data, v1=True)
 
 
 header_bytes = st.binary(max_size=40).filter(lambda b: b"\r" not in b and b"\n" not in b)
@@ -205,6 +223,7 @@ header_bytes = st.binary(max_size=40).filter(lambda b: b"\r" not in b and b"\n" 
         max_size=3,
     ),
     endpoint=st.sampled_from([*ENDPOINTS, "/v1/models"]),
+    keep_alive=st.booleans(),
 )
 async def test_fuzzed_headers(
     fuzz_proxy: Proxy,
@@ -212,6 +231,7 @@ async def test_fuzzed_headers(
     control: list[tuple[str, bytes]],
     other: list[tuple[str, bytes]],
     endpoint: str,
+    keep_alive: bool,
 ) -> None:
     body = orjson.dumps(
         {"model": "gpt-4o", "messages": [{"role": "user", "content": "a"}] * 3, "input": "a"}
@@ -221,7 +241,8 @@ async def test_fuzzed_headers(
         headers.append((b"Authorization", f"Bearer {API_KEY}".encode()))
     method = "GET" if endpoint == "/v1/models" else "POST"
     data = body if method == "POST" else b""
-    await check(fuzz_proxy, fake, request(method, endpoint, headers, data), data, v1=True)
+    raw = request(method, endpoint, headers, data, keep_alive=keep_alive)
+    await check(fuzz_proxy, fake, raw, data, v1=True)
 
 
 path_chars = st.sampled_from(
