@@ -211,22 +211,10 @@ class RequestContextStage(Stage):
         # so what is bound here never leaks into the next request: no need to clear first.
         structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
         try:
-            if prepared is not None:
-                if prepared.error is not None:
-                    raise prepared.error
-            else:
-                endpoint = self.admit(ctx, request.raw_path, headers)
-                if endpoint is not None:
-                    if endpoint.text:
-                        self.take_body(ctx, await self._read(request), headers)
-                    else:
-                        ctx.media = MediaFacts()
-                        if endpoint.json:  # read, but no text stage acts on it
-                            self.take_body(ctx, await self._read(request), headers)
-                            if ctx.body is not None:
-                                ctx.media.read_request(ctx.body)
-                        else:
-                            ctx.form = FormFields(ctx.media)
+            if prepared is None:
+                await self._front(request, ctx)
+            elif prepared.error is not None:
+                raise prepared.error
             resp = await handler(request)
         except ProxyError as exc:
             self._close(ctx, exc.status, exc.code)
@@ -247,6 +235,24 @@ class RequestContextStage(Stage):
         else:
             self.answered(ctx, resp.status)
         return resp
+
+    async def _front(self, request: web.Request, ctx: RequestContext) -> None:
+        """The checks; a paid endpoint's body read and parsed (or, for a multipart upload, its
+        small form fields noted as it streams upstream)."""
+        headers = request.headers
+        endpoint = self.admit(ctx, request.raw_path, headers)
+        if endpoint is None:
+            return
+        if endpoint.text:
+            self.take_body(ctx, await self._read(request), headers)
+            return
+        ctx.media = MediaFacts()
+        if endpoint.json:  # read, but no text stage acts on it
+            self.take_body(ctx, await self._read(request), headers)
+            if ctx.body is not None:
+                ctx.media.read_request(ctx.body)
+        else:
+            ctx.form = FormFields(ctx.media)
 
     def answered(self, ctx: RequestContext, status: int) -> None:
         """A request the proxy answered itself (a cache hit): its outcome (settlements, usage

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
+from proxy.cache import Entry
 from proxy.types import METRICS
 
 CHAT = "/v1/chat/completions"
@@ -348,3 +349,29 @@ async def test_the_lane_answers_as_the_chain_does(
         seen.append((answers, lines))
         await proxy.server.close()
     assert seen[0] == seen[1]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (("x-request-id", "req_1"),),  # no Content-Type: aiohttp would add one
+        (("Content-Type", "application/json"), ("Set-Cookie", "a=b")),  # not a replayed header
+        (("Content-Type", "application/json\r\nX-Injected: 1"),),  # aiohttp refuses to write it
+    ],
+)
+def test_an_entry_aiohttp_would_write_otherwise_is_left_to_the_chain(
+    headers: tuple[tuple[str, str], ...],
+) -> None:
+    assert Entry(200, headers, b"{}", 0.0).wired("key") == (b"", b"")
+    assert Entry(200, (("Content-Type", "application/json"),), b"", 0.0).wired("key") == (b"", b"")
+
+
+def test_an_entry_is_wired_once_as_aiohttp_writes_its_status_and_headers() -> None:
+    entry = Entry(201, (("Content-Type", "application/json"), ("x-request-id", "r")), b"{}", 0.0)
+    head, length = entry.wired("key")
+    assert head == (
+        b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nx-request-id: r\r\n"
+        b"x-thriftgate-cache: HIT\r\nage: "
+    )
+    assert length == b"\r\nContent-Length: 2\r\nDate: "
+    assert entry.wire is not None and entry.wired("key") == (head, length)
