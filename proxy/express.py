@@ -77,12 +77,12 @@ class ExpressLane:
             if self.optimize.acts_on(ctx):
                 return prepared
             hit = self.cache.express_hit(ctx, headers.get(hdrs.CACHE_CONTROL))
+            if hit is None:
+                return prepared
+            status, answer = hit
+            context.answered(ctx, status)  # concluded on the next turn, after the write below
         except Exception as exc:  # the chain raises it where it would have found it
             prepared.error = exc
             return prepared
-        if hit is None:
-            return prepared
-        status, answer = hit
-        write(answer)
-        context.answered(ctx, status)
+        write(answer)  # last: nothing after it can fail and leave the answer sent twice
         return True
