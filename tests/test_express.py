@@ -8,6 +8,7 @@ import asyncio
 import re
 from typing import Any
 
+import openai
 import orjson
 import pytest
 from conftest import API_KEY, MakeProxy, Proxy
@@ -375,3 +376,29 @@ def test_an_entry_is_wired_once_as_aiohttp_writes_its_status_and_headers() -> No
     )
     assert length == b"\r\nContent-Length: 2\r\nDate: "
     assert entry.wire is not None and entry.wired("key") == (head, length)
+
+
+async def test_the_sdks_hits_take_the_lane(proxy: Proxy, fake: FakeOpenAI) -> None:
+    """The official SDK keeps its connections alive: its repeated calls are the lane's hits,
+    and it reads them as it reads the original answer."""
+    messages = [{"role": "user", "content": "sdk express"}]
+
+    def sync_calls() -> list[Any]:
+        client = openai.OpenAI(base_url=proxy.base_url, api_key=API_KEY, max_retries=0)
+        with client:
+            raw = client.chat.completions.with_raw_response.create
+            return [raw(model="gpt-4o-mini", messages=messages) for _ in range(3)]
+
+    answers = await asyncio.to_thread(sync_calls)
+    assert [a.headers["x-thriftgate-cache"] for a in answers] == ["MISS", "HIT", "HIT"]
+    first, *replayed = (a.parse() for a in answers)
+    assert all(r.model_dump() == first.model_dump() for r in replayed)
+    async with openai.AsyncOpenAI(
+        base_url=proxy.base_url, api_key=API_KEY, max_retries=0
+    ) as client:
+        for _ in range(2):
+            again = await client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+            assert again.model_dump() == first.model_dump()
+    assert express(proxy) >= 2 and hits(proxy) == 4 and fake.calls() == 1
+    lines = await proxy.usage.wait(5)
+    assert [line["cache"] for line in lines] == ["miss", "hit", "hit", "hit", "hit"]
