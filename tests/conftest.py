@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from fake_openai import FakeOpenAI
+from hypothesis import HealthCheck, settings
 from multidict import CIMultiDict
 from redis_fleet import free_port, server_args
 from yarl import URL
@@ -39,6 +40,14 @@ from proxy.types import SETTINGS
 from proxy.upstream import Reply
 from proxy.usage import UsageLog
 
+# the property tests' settings: seeded (derandomised) and bounded, so CI runs the same examples
+FUZZ = settings(
+    max_examples=150,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 API_KEY = "sk-test-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 NO_STORE = {"Cache-Control": "no-store"}  # past the cache, to the stage under test

@@ -11,9 +11,9 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from conftest import API_KEY, MakeProxy, Proxy
+from conftest import API_KEY, FUZZ, MakeProxy, Proxy
 from fake_openai import FakeOpenAI
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
@@ -282,19 +282,12 @@ async def test_a_lane_hit_in_flight_at_shutdown_is_logged(
     assert [line["cache"] for line in proxy.usage.records()] == ["miss", "hit"]
 
 
-LANE_FUZZ = settings(
-    max_examples=60,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 header_values = st.sampled_from(
     ["0", "60", "last-2", "off", "a,b", "banana", "-1", "\u00e9", "no-store", "no-cache", ""]
 )
 
 
-@LANE_FUZZ
+@settings(FUZZ, max_examples=60)
 @given(
     body=st.sampled_from(
         [

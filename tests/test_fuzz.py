@@ -18,21 +18,14 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import API_KEY, MakeProxy, Proxy, raw_http
+from conftest import API_KEY, FUZZ, MakeProxy, Proxy, raw_http
 from fake_openai import FakeOpenAI
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.keys import fingerprint
 
 BUDGETED_KEY = "sk-fuzz-budgeted-0123456789"
-FUZZ = settings(
-    max_examples=150,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 ENDPOINTS = [
     "/v1/chat/completions",
     "/v1/embeddings",
