@@ -217,7 +217,7 @@ class MemoryBackend:
             entry = Entry.decode(found[_COMPACT.size :])
             self._entries[key] = (entry, expires, size)
         else:
-            entry, expires, _ = found  # type: ignore[misc]
+            entry, expires, _ = found  # type: ignore[misc,assignment]  # the unpacked form
             if expires <= self.clock():
                 self._drop(key)
                 return None
@@ -287,7 +287,7 @@ class RedisBackend(Shared[MemoryBackend | None]):
         if data is None:
             return None
         try:
-            entry = Entry.decode(data)
+            entry = Entry.decode(data)  # type: ignore[arg-type]  # bytes: responses not decoded
         except (ValueError, KeyError, TypeError, zlib.error, struct.error):
             log.warning("cache_entry_unreadable", key=key[:16])
             return None

@@ -73,7 +73,7 @@ class UsageLog(Part):
         metrics: Metrics | None = None,
         alerts: Alerts | None = None,
         access: Callable[[dict[str, Any]], None] | None = None,
-        redis_stream: str = "",
+        redis_stream: str | None = None,
         redis_maxlen: int = 0,
         summary: Summary | None = None,
         clock: Clock = time.time,
