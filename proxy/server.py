@@ -5,7 +5,9 @@ a shutdown that keeps to ``shutdown_grace_s``.
   (bad framing, a header too long, an unknown method) answer in OpenAI's error envelope, never as
   plain text or a traceback; a request whose headers have not arrived whole within
   ``header_timeout_s`` is answered 408 and its connection closed (slow-header clients cannot hold
-  connections open for ever).
+  connections open for ever); a request that arrives whole on an idle kept-alive connection is
+  shown to the express lane first (``proxy.express``: a hit in memory answered there and then),
+  and the connection's task is woken only for what the lane leaves it.
 - **Start** (``serve``): the open-file soft limit raised to the hard limit; the tiktoken encodings
   loaded and Redis probed (``on_startup``) before the port is bound; ``listening`` logged after the
   bind, with every upstream's redacted URL; a port in use is one line and exit status 2; a SIGTERM
