@@ -1,5 +1,5 @@
 """The application factory: the parts the app starts and stops, and the whole middleware chain,
-each listed once, in order.
+each listed once, in order (and the express lane, which answers hits in front of it).
 
 Parts start in the order listed (each ``lifespan`` is an ``app.cleanup_ctx``) and stop in reverse,
 after the requests in flight have ended: the stages drain into Redis and the usage log before
