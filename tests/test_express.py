@@ -66,7 +66,13 @@ class Connection:
                 k.strip().lower(): v.strip()
                 for k, _, v in (line.partition(":") for line in lines[1:] if line)
             }
-            body = await self.reader.readexactly(int(headers["content-length"]))
+            if "content-length" in headers:
+                body = await self.reader.readexactly(int(headers["content-length"]))
+            else:  # chunked (a stream relayed from upstream)
+                body = b""
+                while size := int((line := await self.reader.readline()).strip(), 16):
+                    body += line + await self.reader.readexactly(size + 2)
+                body += line + await self.reader.readline()
         return int(lines[0].split(" ")[1]), headers, head + body
 
     async def ask(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -114,6 +120,34 @@ async def test_a_hit_on_a_kept_alive_connection_is_the_chains_hit_byte_for_byte(
     for _, _, chain_bytes in chained:
         assert timeless(chain_bytes) == timeless(lane_bytes)
     assert lane_bytes.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+
+
+async def test_a_stream_hit_is_the_chains_stream_hit_byte_for_byte(
+    proxy: Proxy, fake: FakeOpenAI
+) -> None:
+    streamed = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+    conn = await Connection.open(proxy)
+    status, miss, _ = await conn.ask(request(streamed))
+    assert (status, miss["x-thriftgate-cache"], miss.get("transfer-encoding")) == (
+        200,
+        "MISS",
+        "chunked",
+    )
+    await proxy.usage.wait(1)
+    _, lane, lane_bytes = await conn.ask(request(streamed))
+    await conn.send(request(streamed) + request(streamed))
+    chained = [await conn.answer(), await conn.answer()]
+    await conn.close()
+    assert lane["x-thriftgate-cache"] == "HIT" and lane["content-type"].startswith(
+        "text/event-stream"
+    )
+    assert express(proxy) == 1 and hits(proxy) == 3 and fake.calls() == 1
+    for _, _, chain_bytes in chained:
+        assert timeless(chain_bytes) == timeless(lane_bytes)
+    assert lane_bytes.endswith(b"data: [DONE]\n\n")
+    lines = await proxy.usage.wait(4)
+    assert [line["cache"] for line in lines] == ["miss", "hit", "hit", "hit"]
+    assert lines[1]["total_tokens"] == lines[0]["total_tokens"] > 0
 
 
 async def test_a_lane_hit_writes_the_usage_line_a_chain_hit_writes(
@@ -292,6 +326,8 @@ header_values = st.sampled_from(
     body=st.sampled_from(
         [
             b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "same"}]}',
+            b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "same"}], '
+            b'"stream": true}',
             b'{"model": "gpt-4o-mini", "messages": "no"}',
             b'{"model": 5}',
             b"{}",
