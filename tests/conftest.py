@@ -392,26 +392,37 @@ async def raw_http(url: str, raw: bytes, within: float = 10) -> tuple[int, dict[
         writer.write(raw)
         await writer.drain()
         async with asyncio.timeout(within):
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            status = int(lines[0].split(" ")[1])
-            headers = {
-                k.strip().lower(): v.strip()
-                for k, _, v in (line.partition(":") for line in lines[1:] if line)
-            }
-            if "content-length" in headers:
-                body = await reader.readexactly(int(headers["content-length"]))
-            elif headers.get("transfer-encoding") == "chunked":
-                parts = []
-                while size := int((await reader.readline()).strip(), 16):
-                    parts.append(await reader.readexactly(size))
-                    await reader.readline()
-                body = b"".join(parts)
-            else:
-                body = await reader.read()
+            status, headers, _, body = await read_answer(reader)
     finally:
         writer.close()
     return status, headers, body
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes, bytes]:
+    """One HTTP answer: its status, headers (lower-case names), every byte of it as sent, and its
+    body (de-chunked; without a length or chunks, read until the connection closes)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {
+        k.strip().lower(): v.strip()
+        for k, _, v in (line.partition(":") for line in lines[1:] if line)
+    }
+    sent = [head]
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+        sent.append(body)
+    elif headers.get("transfer-encoding") == "chunked":
+        parts = []
+        while size := int((line := await reader.readline()).strip(), 16):
+            chunk = await reader.readexactly(size + 2)  # and its CRLF
+            sent += (line, chunk)
+            parts.append(chunk[:-2])
+        sent += (line, await reader.readline())  # the last chunk and the empty trailer
+        body = b"".join(parts)
+    else:
+        body = await reader.read()
+        sent.append(body)
+    return int(lines[0].split(" ")[1]), headers, b"".join(sent), body
 
 
 # -- the real program, as a process of its own --------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from conftest import API_KEY, FUZZ, MakeProxy, Proxy
+from conftest import API_KEY, FUZZ, MakeProxy, Proxy, read_answer
 from fake_openai import FakeOpenAI
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -60,20 +60,8 @@ class Connection:
     async def answer(self) -> tuple[int, dict[str, str], bytes]:
         """The next answer: status, headers (lower-case names), and all of its bytes."""
         async with asyncio.timeout(5):
-            head = await self.reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            headers = {
-                k.strip().lower(): v.strip()
-                for k, _, v in (line.partition(":") for line in lines[1:] if line)
-            }
-            if "content-length" in headers:
-                body = await self.reader.readexactly(int(headers["content-length"]))
-            else:  # chunked (a stream relayed from upstream)
-                body = b""
-                while size := int((line := await self.reader.readline()).strip(), 16):
-                    body += line + await self.reader.readexactly(size + 2)
-                body += line + await self.reader.readline()
-        return int(lines[0].split(" ")[1]), headers, head + body
+            status, headers, sent, _ = await read_answer(self.reader)
+        return status, headers, sent
 
     async def ask(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
         await self.send(raw)
