@@ -81,13 +81,8 @@ class ProxyRequestHandler(RequestHandler):
         before = self._request_count
         # the connection's task waits for a request: the express lane looks at what arrives
         # first, and the task is woken only for what the lane leaves to it
-        waiter = self._waiter
-        lane = (
-            self.express
-            if idle and waiter is not None and not waiter.done() and not self._paused
-            else None
-        )
-        if lane is None or waiter is None:
+        waiter, lane = self._waiter, self.express
+        if lane is None or not idle or waiter is None or waiter.done() or self._paused:
             super().data_received(data)
         else:
             self._waiter = None
