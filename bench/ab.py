@@ -13,6 +13,7 @@ side's ratios to the bare forwarder — the figures of bench/run.py, for several
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import sys
 from contextlib import ExitStack
@@ -78,7 +79,10 @@ def main() -> int:
         for r in range(args.rounds):
             for n in names if r % 2 == 0 else names[::-1]:
                 runs[n].append(wrk(f"http://127.0.0.1:{ports[n]}", d, c, pids[n], args.script))
-    print(f"\n{args.script}, {c} connections, {args.rounds} alternating {d}s rounds; medians")
+    print(
+        f"\n{args.script}, {c} connections, {args.rounds} alternating {d}s rounds, "
+        f"Python {platform.python_version()}; medians"
+    )
     width = max(len(n) for n in names) + 2
     print(f"{'':{width}}{'RPS':>8}{'CPU us/req':>12}{'RPS vs bare':>13}{'req/CPU-s vs bare':>19}")
     for n in names:

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import re
 import shutil
 import socket
@@ -366,7 +367,8 @@ def main() -> int:
     }
     print(
         f"\nnon-streaming chat, unique bodies, {c} connections, {args.rounds} alternating "
-        f"{d}s rounds per side (wrk), upstream: {upstream_kind}, {os.cpu_count()} cores; medians"
+        f"{d}s rounds per side (wrk), upstream: {upstream_kind}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}; medians"
     )
     print(
         f"{'':15}{'RPS':>8}{'p50 ms':>8}{'p99 ms':>8}{'CPU us/req':>12}"
@@ -411,6 +413,7 @@ def main() -> int:
         "duration_s": d,
         "rounds": args.rounds,
         "upstream": upstream_kind,
+        "python": platform.python_version(),
         "results": results,
         "rps_ratio_vs_bare": rps_ratio,
         "requests_per_cpu_second_ratio_vs_bare": cpu_ratio,
