@@ -248,9 +248,18 @@ class TLSServer:
             subprocess.run(["openssl", *args], cwd=d, capture_output=True, check=True, timeout=60)
 
         key = ["-newkey", "rsa:2048", "-nodes"]
+        # the extensions a CA and a server certificate should have: Python 3.13's default context
+        # verifies strictly (VERIFY_X509_STRICT) and refuses certificates without them
         run("req", "-x509", *key, "-days", "2", "-subj", "/CN=tg-test-ca", "-keyout", "ca.key",
-            "-out", "ca.crt")  # fmt: skip
-        (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", "ca.crt")  # fmt: skip
+        (d / "san.cnf").write_text(
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+            "authorityKeyIdentifier=keyid\n"
+            "basicConstraints=CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyEncipherment\n"
+            "extendedKeyUsage=serverAuth\n"
+        )
         run("req", *key, "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
         run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
             "-CAcreateserial", "-days", "2", "-extfile", "san.cnf",
