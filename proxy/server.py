@@ -75,14 +75,26 @@ class ProxyRequestHandler(RequestHandler):
         self.express = express
         # what the express lane made of the request it handed to the chain (``context.adopt``)
         self.prepared: Prepared | None = None
+        # the requests this connection has finished (the chain's and the lane's), and whether
+        # the last one the chain answered left the connection open (see ``data_received``)
+        self._finished = 0
+        self._open_after = True
 
     def data_received(self, data: bytes) -> None:
         idle = not self._request_in_progress and not self._messages
         before = self._request_count
         # the connection's task waits for a request: the express lane looks at what arrives
-        # first, and the task is woken only for what the lane leaves to it
+        # first, and the task is woken only for what the lane leaves to it. Between a request
+        # the chain answered and the task's next turn (or before its first, on Python < 3.12)
+        # there is no waiter yet: the lane looks then too, once every request so far has been
+        # answered and the last left the connection open (a fast client's next request often
+        # arrives in that gap; the task then finds nothing queued and waits)
         waiter, lane = self._waiter, self.express
-        if lane is None or not idle or waiter is None or waiter.done() or self._paused:
+        if waiter is None:
+            looks = idle and self._finished == before and self._open_after
+        else:
+            looks = idle and not waiter.done()
+        if lane is None or not looks or self._paused:
             super().data_received(data)
         else:
             self._waiter = None
@@ -100,7 +112,7 @@ class ProxyRequestHandler(RequestHandler):
                         self._express(lane)
                     except Exception:  # never a request left waiting: the chain has it
                         log.exception("express_lane_failed")
-                if self._messages and not waiter.done():
+                if waiter is not None and self._messages and not waiter.done():
                     waiter.set_result(None)
         if self._request_count != before:  # a request's headers arrived whole
             if self._header_timer is not None:
@@ -118,6 +130,7 @@ class ProxyRequestHandler(RequestHandler):
         taken = lane.take(message, payload, self.transport.write)  # type: ignore[union-attr]
         if taken is True:  # answered: as aiohttp's own loop ends a keep-alive request
             self._messages.popleft()
+            self._finished += 1
             consumed = getattr(self._parser, "message_consumed", None)  # aiohttp >= 3.14.3
             if consumed is not None:
                 consumed()
@@ -130,6 +143,19 @@ class ProxyRequestHandler(RequestHandler):
                 self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
         elif taken is not False:
             self.prepared = taken
+
+    async def _handle_request(self, *args: Any, **kwargs: Any) -> tuple[web.StreamResponse, bool]:
+        """aiohttp's, noting that the request has finished and whether the connection stays
+        open after it (what the connection's task decides when it runs next)."""
+        try:
+            resp, reset = await super()._handle_request(*args, **kwargs)
+        except BaseException:
+            self._open_after = False
+            raise
+        finally:
+            self._finished += 1
+        self._open_after = bool(resp.keep_alive) and not reset
+        return resp, reset
 
     @property
     def task(self) -> asyncio.Task[None] | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -276,6 +278,86 @@ async def test_a_kept_alive_connection_serves_on_after_many_lane_hits(
     assert (status, headers["x-thriftgate-cache"]) == (200, "MISS")
     assert express(proxy) == 50 and fake.calls() == 2
     assert len(await proxy.usage.wait(52)) == 52
+
+
+class Early(asyncio.Protocol):
+    """A proxy connection (``factory``'s) whose first requests were read before its task ran:
+    ``first`` is handed to it as the connection is made, ``then`` on the loop's next callback.
+    (With uvloop a read can come before the connection's task first runs, or before it runs again
+    after a request: on Python < 3.12, whose tasks start on the next turn, and after any request
+    whose task waited.)"""
+
+    def __init__(self, factory: Callable[[], asyncio.Protocol], first: bytes, then: bytes) -> None:
+        self.inner = factory()
+        self.first, self.then = first, then
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+        self.inner.data_received(self.first)
+        if self.then:
+            asyncio.get_running_loop().call_soon(self.inner.data_received, self.then)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+async def early(proxy: Proxy, first: bytes, then: bytes = b"") -> Connection:
+    """A connection to ``proxy`` over a socket pair, its requests read as ``Early`` says."""
+    factory = proxy.server.runner.server  # type: ignore[union-attr]  # the connections' factory
+    here, there = socket.socketpair()
+    loop = asyncio.get_running_loop()
+    await loop.connect_accepted_socket(lambda: Early(factory, first, then), here)
+    return Connection(*await asyncio.open_connection(sock=there))
+
+
+async def test_a_hit_read_before_the_connections_task_ran_is_the_lanes(
+    proxy: Proxy, fake: FakeOpenAI
+) -> None:
+    conn = await Connection.open(proxy)
+    await conn.ask(request())  # a miss: its answer stored
+    await conn.send(request() + request())  # two in one write: the chain answers both
+    _, _, chain_bytes = await conn.answer()
+    await conn.answer()
+    await conn.close()
+    before = express(proxy)
+    conn = await early(proxy, request())
+    status, headers, lane_bytes = await conn.answer()
+    assert (status, headers["x-thriftgate-cache"]) == (200, "HIT")
+    assert express(proxy) == before + 1  # the lane's, though no task waited for it yet
+    assert timeless(lane_bytes) == timeless(chain_bytes)
+    status, headers, _ = await conn.ask(request())  # and the connection serves on
+    await conn.close()
+    assert (status, headers["x-thriftgate-cache"], express(proxy)) == (200, "HIT", before + 2)
+    assert fake.calls() == 1 and len(await proxy.usage.wait(5)) == 5
+
+
+async def test_a_hit_read_while_a_request_waits_to_start_is_answered_after_it(
+    proxy: Proxy, fake: FakeOpenAI
+) -> None:
+    conn = await Connection.open(proxy)
+    await conn.ask(request())  # stored: the second request below is a hit
+    await conn.close()
+    other = {**BODY, "messages": [{"role": "user", "content": "first come, first served"}]}
+    # the miss is taken by the connection's task before the hit is read, and has not started yet
+    conn = await early(proxy, request(other), request())
+    first = await conn.answer()
+    second = await conn.answer()
+    await conn.close()
+    assert (first[0], first[1]["x-thriftgate-cache"]) == (200, "MISS")
+    assert (second[0], second[1]["x-thriftgate-cache"]) == (200, "HIT")
+    assert fake.calls() == 2 and len(await proxy.usage.wait(3)) == 3
 
 
 async def test_hits_from_redis_local_copy_take_the_lane(
