@@ -83,17 +83,18 @@ class ProxyRequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         idle = not self._request_in_progress and not self._messages
         before = self._request_count
-        # the connection's task waits for a request: the express lane looks at what arrives
-        # first, and the task is woken only for what the lane leaves to it. Between a request
-        # the chain answered and the task's next turn (or before its first, on Python < 3.12)
-        # there is no waiter yet: the lane looks then too, once every request so far has been
-        # answered and the last left the connection open (a fast client's next request often
-        # arrives in that gap; the task then finds nothing queued and waits)
+        # an idle connection (every request read so far answered, the last leaving it open): the
+        # express lane looks at what arrives first, and the connection's task is woken only for
+        # what the lane leaves to it. The task may not be back to wait yet (it runs again on a
+        # later turn after a request the chain answered, and on Python < 3.12 before its first):
+        # a fast client's next request often arrives then, and the task finds nothing queued
         waiter, lane = self._waiter, self.express
-        if waiter is None:
-            looks = idle and self._finished == before and self._open_after
-        else:
-            looks = idle and not waiter.done()
+        looks = (
+            idle
+            and self._finished == before
+            and self._open_after
+            and (waiter is None or not waiter.done())
+        )
         if lane is None or not looks or self._paused:
             super().data_received(data)
         else:
